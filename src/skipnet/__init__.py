@@ -1,0 +1,18 @@
+"""SkipNet: dynamic routing in residual networks, with real skipping and honest compute accounting."""
+
+from .cost import MacTable, build_mac_table, computation_percentage
+from .models import (
+    MODES,
+    SkipNetConfig,
+    SkipNetOutput,
+    SkipResNet,
+    create_model,
+    from_torchvision,
+    list_models,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "MODES", "MacTable", "SkipNetConfig", "SkipNetOutput", "SkipResNet", "build_mac_table",
+    "computation_percentage", "create_model", "from_torchvision", "list_models", "__version__",
+]

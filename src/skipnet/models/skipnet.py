@@ -1,0 +1,248 @@
+"""The gated residual network (SPEC §1-§4).
+
+One class builds both families -- CIFAR-style 6n+2 ResNets and torchvision-layout ImageNet ResNets -- with
+or without gates. Parameter names follow torchvision (``conv1``, ``bn1``, ``layer1.0.conv1``, ``fc``), the
+gates live under ``gates.``, so a torchvision state dict loads with only gate keys missing.
+
+``forward`` returns a :class:`SkipNetOutput`: the logits plus the per-image routing record. The decision
+mode and the executor are chosen per call; the model holds no per-call state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..cost import MacTable, build_mac_table
+from .blocks import BasicBlock, Bottleneck, ResidualBlock, projection
+from .decisions import check_mode, decide
+from .executors import get_executor
+from .gates import GATE_TYPES, build_gates
+
+IMAGENET_LAYOUTS: dict[int, tuple[type[ResidualBlock], tuple[int, ...]]] = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+    152: (Bottleneck, (3, 8, 36, 3)),
+}
+ARCHS = ("cifar", "imagenet")
+
+
+@dataclass(frozen=True)
+class SkipNetConfig:
+    """Everything needed to rebuild a network. ``gate='none'`` gives the plain ResNet."""
+
+    arch: str = "cifar"
+    depth: int = 110
+    gate: str = "rnn"
+    num_classes: int = 10
+    in_channels: int = 3
+    embed_dim: int = 10  # RNN gate: projection size
+    hidden_dim: int = 10  # RNN gate: LSTM hidden size
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
+        if self.arch == "cifar" and (self.depth < 8 or (self.depth - 2) % 6):
+            raise ValueError(f"a CIFAR-style ResNet has depth 6n+2 with n >= 1 (8, 14, 20, 38, ...); got {self.depth}")
+        if self.arch == "imagenet" and self.depth not in IMAGENET_LAYOUTS:
+            raise ValueError(f"ImageNet-style depth must be one of {sorted(IMAGENET_LAYOUTS)}; got {self.depth}")
+        if self.gate not in GATE_TYPES + ("none",):
+            raise ValueError(f"unknown gate {self.gate!r}; expected one of {GATE_TYPES + ('none',)}")
+        for name in ("num_classes", "in_channels", "embed_dim", "hidden_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SkipNetOutput:
+    """What a forward pass returns. Shapes: B images, N gates.
+
+    ``probs``: gate probabilities (B, N) (None for a plain network); ``decisions``: the decisions taken
+    (B, N), detached; ``log_probs``: log pi of the taken decisions (B, N), ``sample`` mode only;
+    ``macs``: per-image multiply-accumulates (B,), gates included (float64, float32 on MPS)."""
+
+    logits: Tensor
+    probs: Tensor | None
+    decisions: Tensor
+    log_probs: Tensor | None
+    macs: Tensor
+
+
+class SkipResNet(nn.Module):
+    """A ResNet with a gate in front of every block but the first (or none, for the plain network)."""
+
+    def __init__(self, config: SkipNetConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        if c.arch == "cifar":
+            n = (c.depth - 2) // 6
+            block_type: type[ResidualBlock] = BasicBlock
+            layout, widths = (n, n, n), (16, 32, 64)
+            self.inplanes = 16
+            self.conv1 = nn.Conv2d(c.in_channels, 16, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(16)
+            self.maxpool = nn.Identity()
+            self.total_stride = 4
+        else:
+            block_type, layout = IMAGENET_LAYOUTS[c.depth]
+            widths = (64, 128, 256, 512)
+            self.inplanes = 64
+            self.conv1 = nn.Conv2d(c.in_channels, 64, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(64)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.total_stride = 32
+        self.relu = nn.ReLU(inplace=True)
+        gate_channels: list[int] = []
+        stage_of_block: list[int] = []
+        for stage, (count, width) in enumerate(zip(layout, widths)):
+            blocks = []
+            for j in range(count):
+                stride = 2 if (stage > 0 and j == 0) else 1
+                down = None
+                if stride != 1 or self.inplanes != width * block_type.expansion:
+                    down = projection(self.inplanes, width * block_type.expansion, stride)
+                if stage_of_block:  # every block but the very first is gated
+                    gate_channels.append(self.inplanes)
+                blocks.append(block_type(self.inplanes, width, stride, down))
+                stage_of_block.append(stage)
+                self.inplanes = width * block_type.expansion
+            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.num_stages = len(layout)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(self.inplanes, c.num_classes)
+        self.gates = None if c.gate == "none" else build_gates(c.gate, gate_channels, c.embed_dim, c.hidden_dim)
+        # Plain tuples: the blocks are registered once, under layerK.
+        self.blocks: tuple[ResidualBlock, ...] = tuple(
+            b for k in range(self.num_stages) for b in getattr(self, f"layer{k + 1}")
+        )
+        self.stage_of_block: tuple[int, ...] = tuple(stage_of_block)
+        self.num_gates = len(self.blocks) - 1
+        self.min_input_size = self.total_stride * (2 if c.gate == "ffgate1" else 1)
+        self._mac_tables: dict[tuple[int, int], MacTable] = {}
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def is_gated(self) -> bool:
+        return self.gates is not None
+
+    def stem_layers(self) -> list[nn.Module]:
+        return [self.conv1, self.bn1, self.relu, self.maxpool]
+
+    def mac_table(self, input_size: tuple[int, int]) -> MacTable:
+        """The analytic MAC table for inputs of ``input_size`` (H, W), built once and memoised."""
+        key = (int(input_size[0]), int(input_size[1]))
+        table = self._mac_tables.get(key)
+        if table is None:
+            table = self._mac_tables[key] = build_mac_table(self, key)
+        return table
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise ``ValueError`` saying what was expected and what came, for input the network can't take."""
+        c = self.config
+        want = f"a float batch of shape (B, {c.in_channels}, H, W) with B >= 1 and H, W >= {self.min_input_size}"
+        if not isinstance(x, Tensor):
+            raise ValueError(f"expected {want} as a torch.Tensor; got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"expected {want}; got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected {want}; got dtype {x.dtype} (convert images to float and normalise)")
+        if x.shape[0] == 0:
+            raise ValueError(f"expected {want}; got an empty batch of shape {tuple(x.shape)}")
+        if x.shape[1] != c.in_channels:
+            raise ValueError(f"expected {want}; got {x.shape[1]} channels (shape {tuple(x.shape)})")
+        if x.shape[2] < self.min_input_size or x.shape[3] < self.min_input_size:
+            raise ValueError(
+                f"expected {want}; got {x.shape[2]}x{x.shape[3]}, too small for the network's "
+                f"{self.total_stride}x downsampling" + (" and FFGate-I's pooling" if c.gate == "ffgate1" else "")
+            )
+
+    def forward(
+        self,
+        x: Tensor,
+        mode: str | None = None,
+        *,
+        executor: str = "masked",
+        tau: float = 0.5,
+        decisions: Tensor | None = None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> SkipNetOutput:
+        """Run the network on ``x`` (B, C, H, W).
+
+        ``mode``: a decision mode (:data:`~skipnet.models.decisions.MODES`); by default ``straight_through``
+        in training and ``greedy`` in eval. ``decisions`` (B, N) or (N,) go with ``mode='fixed'``.
+        ``executor``: ``masked`` or ``compact`` (eval only). ``tau``: the greedy threshold. ``temperature``
+        divides the gate logits (HRL's policy sharpening). A plain network ignores mode and executor.
+        """
+        self.check_input(x)
+        batch = x.shape[0]
+        table = self.mac_table((x.shape[2], x.shape[3]))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, C0, H', W')
+        if self.gates is None:
+            for block in self.blocks:
+                x = block(x)
+            ones = x.new_ones(batch, self.num_gates)
+            return SkipNetOutput(self._head(x), None, ones, None, table.per_image(ones))
+
+        mode = check_mode(mode or ("straight_through" if self.training else "greedy"))
+        run = get_executor(executor)
+        if executor == "compact":
+            if self.training:
+                raise ValueError("the compact executor is for inference: call model.eval() first (training masks)")
+            if mode == "soft":
+                raise ValueError("the compact executor needs hard decisions; mode 'soft' is only for 'masked'")
+        fixed = self._check_fixed(decisions, batch, x.device) if mode == "fixed" else None
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive; got {temperature}")
+
+        x = self.blocks[0](x)
+        state = self.gates.init_state(x)
+        probs, gs, log_probs = [], [], []
+        for i, block in enumerate(self.blocks[1:]):
+            logit, state = self.gates(x, i, state)  # (B,)
+            if temperature != 1.0:
+                logit = logit / temperature
+            g, lp = decide(logit, mode, tau=tau, fixed=None if fixed is None else fixed[:, i], generator=generator)
+            x = block(x) if mode == "all" else run(block, x, g)
+            probs.append(torch.sigmoid(logit))
+            gs.append(g)
+            if lp is not None:
+                log_probs.append(lp)
+        dec = torch.stack(gs, 1).detach()  # (B, N)
+        return SkipNetOutput(
+            logits=self._head(x),
+            probs=torch.stack(probs, 1),
+            decisions=dec,
+            log_probs=torch.stack(log_probs, 1) if log_probs else None,
+            macs=table.per_image(dec),
+        )
+
+    def _head(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, classes)
+
+    def _check_fixed(self, decisions: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        if decisions is None:
+            raise ValueError("mode 'fixed' needs decisions=(B, N) or (N,) 0/1 values")
+        d = torch.as_tensor(decisions, device=device)
+        if d.dim() == 1:
+            d = d.unsqueeze(0).expand(batch, -1)
+        if d.dim() != 2 or d.shape[0] != batch or d.shape[1] != self.num_gates:
+            raise ValueError(f"expected fixed decisions of shape ({batch}, {self.num_gates}) or ({self.num_gates},); "
+                             f"got {tuple(d.shape)}")
+        return d.float()
