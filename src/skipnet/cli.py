@@ -1,0 +1,203 @@
+"""The ``skipnet`` command: train, eval, demo, bench, report, sweep, and listings.
+
+Every option has a default and help text. Library code logs; only this module prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+log = logging.getLogger("skipnet")
+
+# Convenience flags of `train`, each a shortcut for one `--set section.key=value` override.
+TRAIN_SHORTCUTS = {
+    "model": ("model.name", str, "network preset (see `skipnet models`)"),
+    "gate": ("model.gate", str, "gate design: rnn, ffgate1, ffgate2"),
+    "data": ("data.name", str, "dataset: fashion_mnist, cifar10, cifar100, svhn, imagefolder"),
+    "data_root": ("data.root", str, "folder holding the dataset (default: the dataset's standard place)"),
+    "batch_size": ("data.batch_size", int, "training batch size (global, over all processes)"),
+    "stage": ("train.stage", str, "baseline, sp or hrl"),
+    "epochs": ("train.epochs", float, "training epochs (fractions allowed)"),
+    "lr": ("train.lr", float, "base learning rate"),
+    "init": ("train.init", str, "checkpoint or run folder to start from (HRL: the SP run)"),
+    "alpha": ("train.alpha", float, "HRL compute reward weight (start value when --target-macs is set)"),
+    "target_macs": ("train.target_macs", float, "HRL: mean MACs to reach, as a fraction of the plain network"),
+    "seed": ("train.seed", int, "random seed"),
+    "device": ("train.device", str, "auto, cpu, cuda or cuda:N"),
+}
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one stage (baseline, sp or hrl) into a run folder",
+                       description="Train one stage. Defaults come from the recipe; flags and --set override them.")
+    p.add_argument("--recipe", default="fashion_mnist_sp", help="recipe name (see `skipnet recipes`) or YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.milestones=[80,120] (repeatable)")
+    for name, (_, typ, text) in TRAIN_SHORTCUTS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
+    p.add_argument("--run-dir", default=None, help="run folder (default: runs/<recipe>-<date-time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --run-dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import load_config, train
+    from .train.config import build_config, read_recipe
+
+    overrides = list(args.overrides)
+    for name, (key, _, _) in TRAIN_SHORTCUTS.items():
+        value = getattr(args, name)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.resume:
+        if not args.run_dir:
+            raise ValueError("--resume needs --run-dir (the run to continue)")
+        if overrides:
+            raise ValueError("--resume continues with the run's own config.yaml; drop the overrides")
+        config = build_config(read_recipe(Path(args.run_dir) / "config.yaml"))
+    else:
+        config = load_config(args.recipe, overrides)
+    run_dir = Path(args.run_dir or f"runs/{Path(str(args.recipe)).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = train(config, run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if result:
+        print(_summary(result))
+        print(f"run folder: {run_dir}")
+    return 0
+
+
+def _summary(r: dict[str, Any]) -> str:
+    return (f"top-1 {r['accuracy']:.2f}% | MACs/image {r['macs_per_image'] / 1e6:.2f}M "
+            f"(plain {r['dense_macs_per_image'] / 1e6:.2f}M, reduction {r['mac_reduction']:.1f}%) | "
+            f"block fraction {r['block_fraction']:.1f}%")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint or run folder on a test set",
+                       description="Evaluate a trained network: accuracy, MACs per image, reduction, block fraction.")
+    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("--data", default=None, help="dataset name (default: the one the run was trained on)")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the run's, else the standard place)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the run's test split)")
+    p.add_argument("--mode", default="greedy", help="decision mode: greedy, all, none, sample, ...")
+    p.add_argument("--tau", type=float, default=0.5, help="greedy threshold: higher skips more")
+    p.add_argument("--executor", default="compact", choices=["masked", "compact"], help="how blocks are run")
+    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    p.set_defaults(func=cmd_eval)
+
+
+def load_eval_data(payload: dict[str, Any], data: str | None, root: str | None, split: str | None):
+    """The test set a checkpoint should be evaluated on: the run's dataset unless named."""
+    from .data import load_dataset
+
+    run = payload.get("run_config", {}).get("data", {})
+    name = data or run.get("name")
+    if name is None:
+        raise ValueError("this checkpoint does not say which data it was trained on: pass --data")
+    root = root if root is not None else (run.get("root") if name == run.get("name") else None)
+    cache = run.get("cache_dir")
+    return load_dataset(name, root, split or run.get("test_split", "test"),
+                        cache_dir=Path(cache) if cache else None)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import BatchLoader
+    from .train import evaluate
+    from .train.checkpoint import build_model_from_checkpoint, load_checkpoint
+    from .train.trainer import resolve_device
+
+    payload = load_checkpoint(args.checkpoint)
+    model = build_model_from_checkpoint(payload, args.checkpoint)
+    device = resolve_device(args.device)
+    model.to(device)
+    data = load_eval_data(payload, args.data, args.data_root, args.split)
+    loader = BatchLoader(data, args.batch_size, train=False, device=device)
+    result = evaluate(model, loader, mode=args.mode, tau=args.tau, executor=args.executor,
+                      progress=not args.json and sys.stderr.isatty())
+    result.update(checkpoint=str(args.checkpoint), data=data.name, split=args.split or "test")
+    print(json.dumps(result) if args.json else _summary(result))
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job: SP then HRL on Fashion-MNIST, evaluate, benchmark, report",
+                       description="Train a SkipNet with RNN gates on Fashion-MNIST (SP, then HRL), evaluate it, "
+                                   "measure the compact executor's speed-up and write a report.")
+    p.add_argument("--out", default=None, help="demo folder (default: runs/demo-<date-time>)")
+    p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST idx files "
+                                                    "(default: /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--sp-epochs", type=float, default=None, help="SP epochs (default: the recipe's)")
+    p.add_argument("--hrl-epochs", type=float, default=None, help="HRL epochs (default: the recipe's)")
+    p.add_argument("--target-macs", type=float, default=None, help="HRL compute target (default: the recipe's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.out, data_root=args.data_root, sp_epochs=args.sp_epochs, hrl_epochs=args.hrl_epochs,
+             target_macs=args.target_macs, progress=not args.no_progress, echo=print)
+    return 0
+
+
+def _add_listings(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the network presets")
+    p.set_defaults(func=lambda a: print("\n".join(__import__("skipnet").list_models())) or 0)
+    p = sub.add_parser("recipes", help="list the named recipes")
+    p.set_defaults(func=cmd_recipes)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .train.config import read_recipe, recipe_names
+
+    for name in recipe_names():
+        raw = read_recipe(name)
+        print(f"{name:28s} {raw.get('model', {}).get('name', '')} / {raw.get('data', {}).get('name', '')} / "
+              f"{raw.get('train', {}).get('stage', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="skipnet", description="SkipNet: learned block skipping in ResNets.")
+    parser.add_argument("--version", action="version", version=f"skipnet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_eval(sub)
+    _add_demo(sub)
+    _add_listings(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from .train import Interrupted, NonFiniteLossError
+
+    try:
+        return int(args.func(args) or 0)
+    except Interrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

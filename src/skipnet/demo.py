@@ -1,0 +1,103 @@
+"""The main job: SP then HRL on Fashion-MNIST, evaluation, measured speed-up, report.
+
+Budget: under 10 minutes on 2 CPU cores, everything included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import BatchLoader, load_dataset
+from .train import evaluate, load_config, load_model, train
+from .train.trainer import RunExistsError
+
+
+def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_epochs: float | None = None,
+             hrl_epochs: float | None = None, target_macs: float | None = None, progress: bool = True,
+             echo: Callable[[str], Any] = print, report: bool = True) -> dict[str, Any]:
+    """Run the demo into ``out`` (a new folder) and return its numbers (also written to ``summary.json``)."""
+    start = time.perf_counter()
+    out = Path(out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and any(out.iterdir()):
+        raise RunExistsError(f"demo folder {out} exists and is not empty; pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    echo(f"skipnet demo -> {out}")
+    data = (load_dataset("fashion_mnist", data_root, "train"), load_dataset("fashion_mnist", data_root, "test"))
+    echo(f"Fashion-MNIST: {len(data[0])} training and {len(data[1])} test images, loaded in "
+         f"{time.perf_counter() - start:.1f}s")
+
+    root = [f"data.root={data_root}"] if data_root else []
+    sp = load_config("fashion_mnist_sp", root + ([f"train.epochs={sp_epochs}"] if sp_epochs else []))
+    echo(f"stage 1/2 -- SP: {sp.model.name} with {sp.model.gate} gates, {sp.train.epochs:g} epochs")
+    sp_result = train(sp, out / "sp", data=data, progress=progress)
+    echo(f"  SP: top-1 {sp_result['accuracy']:.2f}%, block fraction {sp_result['block_fraction']:.1f}%")
+
+    hrl_over = root + [f"train.init={out / 'sp'}"]
+    hrl_over += [f"train.epochs={hrl_epochs}"] if hrl_epochs else []
+    hrl_over += [f"train.target_macs={target_macs}"] if target_macs else []
+    hrl = load_config("fashion_mnist_hrl", hrl_over)
+    echo(f"stage 2/2 -- HRL: {hrl.train.epochs:g} epochs, target {hrl.train.target_macs} of the plain MACs")
+    train(hrl, out / "hrl", data=data, progress=progress)
+
+    model = load_model(out / "hrl")
+    test = BatchLoader(data[1], 500, train=False)
+    skip = evaluate(model, test, mode="greedy", executor="compact", progress=progress)
+    full = evaluate(model, test, mode="all", progress=progress)
+    summary: dict[str, Any] = {
+        "model": f"{hrl.model.name} ({hrl.model.gate} gates)",
+        "skipnet_accuracy": skip["accuracy"],
+        "all_blocks_accuracy": full["accuracy"],
+        "sp_accuracy": sp_result["accuracy"],
+        "macs_per_image": skip["macs_per_image"],
+        "dense_macs_per_image": skip["dense_macs_per_image"],
+        "mac_reduction": skip["mac_reduction"],
+        "block_fraction": skip["block_fraction"],
+        "exec_rates": skip["exec_rates"],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    summary["speed"] = measure_speedup(model, data[1])
+    summary["train_and_eval_seconds"] = time.perf_counter() - start
+    if report:
+        summary["report"] = str(write_demo_report(model, data[1], out / "report", summary, progress))
+    summary["total_seconds"] = time.perf_counter() - start
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for line in format_summary(summary):
+        echo(line)
+    return summary
+
+
+def measure_speedup(model, data) -> dict[str, Any]:  # replaced once the bench harness lands
+    return {}
+
+
+def write_demo_report(model, data, path: Path, summary: dict[str, Any], progress: bool) -> Path:
+    return path
+
+
+def format_summary(s: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"== SkipNet demo: {s['model']} on Fashion-MNIST ==",
+        f"SkipNet test accuracy (greedy gates):   {s['skipnet_accuracy']:.2f}%",
+        f"Same weights, every block executed:     {s['all_blocks_accuracy']:.2f}%  "
+        f"(difference {s['skipnet_accuracy'] - s['all_blocks_accuracy']:+.2f} points)",
+        f"Mean MACs per image (gates included):   {s['macs_per_image'] / 1e6:.2f}M of "
+        f"{s['dense_macs_per_image'] / 1e6:.2f}M plain -> reduction {s['mac_reduction']:.1f}%",
+        f"Authors' block fraction:                {s['block_fraction']:.1f}%",
+        "Per-block execution rate (block 0 always runs):",
+        "  " + " ".join(f"{r:.2f}" for r in [1.0] + list(s["exec_rates"])),
+    ]
+    for row in s.get("speed", {}).get("rows", []):
+        lines.append(f"Compact vs dense at batch {row['batch_size']:>3}: {row['speedup_vs_dense']:.2f}x measured "
+                     f"(ideal {row['ideal_speedup']:.2f}x)")
+    if "report" in s:
+        lines.append(f"Report: {s['report']}")
+    lines.append(f"Total time: {s['total_seconds']:.0f}s")
+    return lines

@@ -1,0 +1,233 @@
+"""Run configuration: one frozen dataclass per concern, loaded from recipe files, overridden by typed keys.
+
+A recipe is a YAML file with three sections::
+
+    model: {name: cifar_resnet38, gate: rnn}          # a preset of skipnet.list_models() + overrides
+    data:  {name: cifar10, root: /data/cifar10, batch_size: 128}
+    train: {stage: sp, epochs: 164, lr: 0.1, milestones: [82, 123]}
+
+Overrides are ``section.key=value`` strings; an unknown key or a value of the wrong type is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("baseline", "sp", "hrl")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = "cifar_resnet38"
+    gate: str = "rnn"  # rnn | ffgate1 | ffgate2 (a baseline stage always builds the plain network)
+    num_classes: int | None = None  # None: from the data
+    in_channels: int | None = None  # None: from the data
+    embed_dim: int = 10
+    hidden_dim: int = 10
+
+
+@dataclass(frozen=True)
+class DataSection:
+    name: str = "fashion_mnist"
+    root: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    augment: bool = True
+    crop_padding: int = 4
+    flip: bool = True
+    cache_dir: str | None = None
+    stream: bool = False  # stream an ImageFolder through DataLoader workers (ImageNet) instead of memory
+    workers: int = 8  # streaming only: decoding processes
+    image_size: int = 224  # streaming only: training crop size (eval: resize 256/224 of it, centre crop)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be positive; got {self.batch_size}, {self.eval_batch_size}")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    stage: str = "sp"  # baseline | sp | hrl
+    init: str | None = None  # checkpoint or run folder to start from (HRL: the SP run); None = from scratch
+    epochs: float = 1.0
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: tuple[float, ...] = ()  # in epochs; lr *= gamma at each
+    gamma: float = 0.1
+    warmup_steps: int = 0  # first steps at warmup_lr (the paper's ResNet-110: 400 at 0.01)
+    warmup_lr: float = 0.01
+    # --- HRL (SPEC §5) ---
+    alpha: float = 0.1  # compute reward weight (the starting value when target_macs is set)
+    beta: float = 1.0  # weight of the accuracy term in the returns
+    rl_weight: float = 0.01
+    rl_reduction: str = "sum"  # batch reduction of the REINFORCE term: sum (authors) | mean
+    temperature: float = 1.0  # gate logits divided by this during HRL (ImageNet: 0.05)
+    freeze_bn: bool = False  # keep BatchNorm statistics fixed during HRL
+    cost: str = "uniform"  # C_j: uniform (paper: every block costs 1) | macs (relative block MACs, mean 1)
+    baseline: str = "none"  # none (paper) | ema (per-gate moving average of the returns)
+    baseline_momentum: float = 0.9
+    gate_lr: float | None = None  # separate learning rate for gate parameters (None: lr)
+    gate_optimizer: str = "sgd"  # sgd | adam, for the gate parameters
+    target_macs: float | None = None  # mean MACs as a fraction of the dense network; alpha adapts to reach it
+    alpha_lr: float = 5.0  # controller step: alpha += alpha_lr * (measured fraction - target) per step
+    alpha_max: float = 100.0
+    cost_ema: float = 0.9  # smoothing of the measured cost fed to the controller
+    # --- evaluation and mechanics ---
+    tau: float = 0.5  # greedy threshold for evaluation
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    channels_last: bool = True
+    eval_every: float = 1.0  # epochs between evaluations (0: only at the end)
+    checkpoint_every: int = 500  # steps between checkpoints (also at every epoch end)
+    log_every: int = 50  # steps between metric lines
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}; got {self.stage!r}")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be positive; got {self.epochs}")
+        if self.rl_reduction not in ("sum", "mean"):
+            raise ValueError(f"rl_reduction must be 'sum' or 'mean'; got {self.rl_reduction!r}")
+        if self.cost not in ("uniform", "macs"):
+            raise ValueError(f"cost must be 'uniform' or 'macs'; got {self.cost!r}")
+        if self.baseline not in ("none", "ema"):
+            raise ValueError(f"baseline must be 'none' or 'ema'; got {self.baseline!r}")
+        if self.gate_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"gate_optimizer must be 'sgd' or 'adam'; got {self.gate_optimizer!r}")
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
+            raise ValueError(f"target_macs is a fraction of the dense network's MACs in (0, 1]; got {self.target_macs}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive; got {self.temperature}")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be auto, bf16 or off; got {self.amp!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _plain(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
+
+
+def _coerce(cls: type, key: str, value: Any) -> Any:
+    """Check/convert ``value`` to the declared type of ``cls.key``."""
+    hints = typing.get_type_hints(cls)
+    if key not in hints:
+        known = ", ".join(f.name for f in fields(cls))
+        raise ValueError(f"unknown option {cls.__name__.removesuffix('Section').lower()}.{key}; known: {known}")
+    hint = hints[key]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ValueError(f"{key} may not be empty")
+    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+    origin = typing.get_origin(base)
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+        return tuple(float(v) for v in items)
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base is float:
+            return float(value)
+        return str(value)
+    except ValueError:
+        raise ValueError(f"option {key}={value!r} is not a valid {getattr(base, '__name__', base)}") from None
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown recipe section(s) {sorted(unknown)}; expected {sorted(SECTIONS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"recipe section {name!r} must be a mapping; got {type(values).__name__}")
+        sections[name] = cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+    return RunConfig(**sections)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a raw recipe dict (typed and checked by :func:`build_config`)."""
+    raw = {k: dict(v or {}) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=0.05)")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section not in SECTIONS:
+            raise ValueError(f"unknown section {section!r} in override {item!r}; expected {sorted(SECTIONS)}")
+        _coerce(SECTIONS[section], key, yaml.safe_load(value) if value else None)
+        raw.setdefault(section, {})[key] = yaml.safe_load(value) if value else None
+    return raw
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("skipnet").joinpath("recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def read_recipe(name_or_path: str | Path) -> dict[str, Any]:
+    """A recipe by name (see :func:`recipe_names`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ValueError(f"recipe file {path} does not exist")
+        text = path.read_text()
+    else:
+        res = resources.files("skipnet").joinpath("recipes", f"{name_or_path}.yaml")
+        if not res.is_file():
+            raise ValueError(f"unknown recipe {name_or_path!r}; known: {', '.join(recipe_names())}")
+        text = res.read_text()
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"recipe {name_or_path} must be a YAML mapping")
+    return raw
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw = read_recipe(recipe) if recipe else {}
+    return build_config(apply_overrides(raw, list(overrides)))
+
+
+def write_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

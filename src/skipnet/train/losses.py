@@ -1,0 +1,86 @@
+"""Training objectives as pure functions (SPEC §5).
+
+* :func:`sp_loss` -- supervised pre-training: plain cross-entropy (the straight-through gates get their
+  gradient through the decisions).
+* :func:`hrl_loss` -- hybrid REINFORCE: cross-entropy on the sampled path plus a REINFORCE term in which
+  each gate's log-probability is weighted by its own return
+
+      r_{b,i} = -beta * CE_b + (alpha / N) * sum_{j >= i} (1 - g_{b,j}) * C_j
+
+  (CE_b detached, no discount), optionally minus a per-gate baseline. Each image's returns multiply that
+  image's own log-probabilities; the batch reduction of the REINFORCE term is explicit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum")
+
+
+def sp_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def per_gate_returns(
+    ce: Tensor, decisions: Tensor, *, alpha: float | Tensor, beta: float, costs: Tensor | None = None
+) -> Tensor:
+    """Returns r (B, N): ``-beta * ce[:, None] + (alpha / N) * reverse_cumsum((1 - g) * C)``.
+
+    ``ce``: per-image loss (B,), treated as a constant; ``decisions``: the sampled g (B, N);
+    ``costs``: C_j (N,), all ones (the paper) when None."""
+    if decisions.dim() != 2 or ce.shape != decisions.shape[:1]:
+        raise ValueError(f"expected ce (B,) and decisions (B, N); got {tuple(ce.shape)} and {tuple(decisions.shape)}")
+    n = decisions.shape[1]
+    skipped = 1.0 - decisions.detach()
+    if costs is not None:
+        skipped = skipped * costs.to(skipped)
+    # sum_{j >= i}: reverse cumulative sum along the gate axis
+    future = skipped.flip(1).cumsum(1).flip(1)
+    return -beta * ce.detach().unsqueeze(1) + (alpha / n) * future
+
+
+@dataclass
+class HRLLoss:
+    total: Tensor  # what to backpropagate
+    ce: Tensor  # mean cross-entropy on the sampled paths
+    reinforce: Tensor  # the (reduced, unweighted) REINFORCE surrogate
+    returns: Tensor  # (B, N) per-gate returns, before the baseline
+    advantages: Tensor  # (B, N) returns minus the baseline
+
+
+def hrl_loss(
+    logits: Tensor,
+    labels: Tensor,
+    log_probs: Tensor,
+    decisions: Tensor,
+    *,
+    alpha: float | Tensor = 0.1,
+    beta: float = 1.0,
+    rl_weight: float = 0.01,
+    reduction: str = "sum",
+    costs: Tensor | None = None,
+    baseline: Tensor | None = None,
+) -> HRLLoss:
+    """The hybrid objective for one batch.
+
+    ``logits`` (B, K), ``labels`` (B,), ``log_probs`` (B, N) of the sampled ``decisions`` (B, N).
+    ``reduction``: how the per-image REINFORCE terms are combined over the batch -- ``"sum"`` (the
+    authors' code: with ``rl_weight=0.01`` at batch 128 this equals ``"mean"`` with weight 1.28) or ``"mean"``.
+    ``baseline``: per-gate baseline (N,) subtracted from the returns (variance reduction; None = paper).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if log_probs.shape != decisions.shape:
+        raise ValueError(f"log_probs {tuple(log_probs.shape)} and decisions {tuple(decisions.shape)} differ")
+    ce = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+    returns = per_gate_returns(ce, decisions, alpha=alpha, beta=beta, costs=costs)  # (B, N)
+    advantages = returns if baseline is None else returns - baseline.to(returns).unsqueeze(0)
+    per_image = -(advantages.detach() * log_probs).sum(1)  # (B,): each image's own returns x log-probs
+    reinforce = per_image.sum() if reduction == "sum" else per_image.mean()
+    ce_mean = ce.mean()
+    return HRLLoss(ce_mean + rl_weight * reinforce, ce_mean.detach(), reinforce.detach(), returns.detach(),
+                   advantages.detach())
