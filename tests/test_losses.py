@@ -109,3 +109,12 @@ def test_alpha_controller_moves_towards_target_and_baseline_averages():
     torch.testing.assert_close(base.value, torch.tensor([2.0, 3.0]))
     base.update(torch.tensor([[0.0, 0.0]]))
     torch.testing.assert_close(base.value, torch.tensor([1.0, 1.5]))
+
+
+def test_skip_reward_cap_bounds_what_an_image_can_earn():
+    ce = torch.tensor([LN2, LN43])
+    _, _, g, _ = _case()
+    # uncapped future skips / N: image 0 (2/3, 2/3, 1/3), image 1 (1/3, 0, 0); cap 0.5 clips only image 0's
+    r = per_gate_returns(ce, g, alpha=0.3, beta=1.0, cap=0.5)
+    expected = torch.tensor([[0.15 - LN2, 0.15 - LN2, 0.1 - LN2], [0.1 - LN43, -LN43, -LN43]])
+    torch.testing.assert_close(r, expected)

@@ -97,22 +97,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def load_eval_data(payload: dict[str, Any], data: str | None, root: str | None, split: str | None):
-    """The test set a checkpoint should be evaluated on: the run's dataset unless named."""
-    from .data import load_dataset
-
-    run = payload.get("run_config", {}).get("data", {})
-    name = data or run.get("name")
-    if name is None:
-        raise ValueError("this checkpoint does not say which data it was trained on: pass --data")
-    root = root if root is not None else (run.get("root") if name == run.get("name") else None)
-    cache = run.get("cache_dir")
-    return load_dataset(name, root, split or run.get("test_split", "test"),
-                        cache_dir=Path(cache) if cache else None)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import BatchLoader
+    from .reporting import load_eval_data
     from .train import evaluate
     from .train.checkpoint import build_model_from_checkpoint, load_checkpoint
     from .train.trainer import resolve_device
@@ -152,6 +139,83 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write an analysis report of a trained network",
+                       description="Accuracy, MACs, measured speed-up, per-block and per-class routing, galleries, "
+                                   "paths, input-scale analysis and a threshold sweep, as report.md + PNGs + "
+                                   "metrics.json.")
+    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("--data", default=None, help="dataset name (default: the one the run was trained on)")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the run's)")
+    p.add_argument("--split", default=None, help="split to analyse (default: the run's test split)")
+    p.add_argument("--out", default=None, help="report folder (default: <run folder>/report)")
+    p.add_argument("--tau", type=float, default=0.5, help="the operating threshold")
+    p.add_argument("--taus", type=float, nargs="*", default=list(SWEEP_TAUS), help="thresholds of the sweep")
+    p.add_argument("--scales", type=float, nargs="*", default=[0.75, 1.0, 1.25, 1.5],
+                   help="input rescalings of the input-scale analysis")
+    p.add_argument("--sweep-images", type=int, default=5000, help="images used by the sweep and scale analysis")
+    p.add_argument("--compare", nargs="*", default=[], metavar="RUN",
+                   help="other SkipNet runs (e.g. HRL at other alphas) to place on the trade-off plot")
+    p.add_argument("--plain", nargs="*", default=[], metavar="RUN",
+                   help="plain ResNet runs to place on the trade-off plot as reference points")
+    p.add_argument("--no-speed", action="store_true", help="skip the wall-clock measurement")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_report)
+
+
+SWEEP_TAUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .reporting import make_report
+
+    path = make_report(args.checkpoint, data=args.data, data_root=args.data_root, split=args.split, out=args.out,
+                       tau=args.tau, taus=args.taus, scales=args.scales, sweep_images=args.sweep_images,
+                       compare=args.compare, plain=args.plain, speed=not args.no_speed,
+                       overwrite=args.overwrite, batch_size=args.batch_size, device=args.device,
+                       progress=sys.stderr.isatty())
+    print(f"report: {path}")
+    return 0
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="accuracy vs MACs: a threshold sweep and/or several runs, as a table and plot",
+                       description="(a) sweep the greedy threshold of one trained network (no retraining) and "
+                                   "(b) evaluate several runs (e.g. HRL at different alphas) and plain ResNets, "
+                                   "then write sweep.json, sweep.md and tradeoff.png.")
+    p.add_argument("runs", nargs="+", help="SkipNet runs or checkpoints; the first one is also threshold-swept")
+    p.add_argument("--plain", nargs="*", default=[], metavar="RUN", help="plain ResNet runs (reference points)")
+    p.add_argument("--taus", type=float, nargs="*", default=list(SWEEP_TAUS), help="thresholds for the first run")
+    p.add_argument("--data", default=None, help="dataset name (default: the first run's)")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the first run's)")
+    p.add_argument("--split", default=None, help="split (default: the run's test split)")
+    p.add_argument("--out", required=True, help="folder for sweep.json, sweep.md and tradeoff.png")
+    p.add_argument("--overwrite", action="store_true", help="replace files in an existing --out folder")
+    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .reporting import make_sweep
+
+    table = make_sweep(args.runs, plain=args.plain, taus=args.taus, data=args.data, data_root=args.data_root,
+                       split=args.split, out=args.out, overwrite=args.overwrite, batch_size=args.batch_size,
+                       device=args.device, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(table))
+    else:
+        print(f"{'series':28s} {'point':>10s} {'top-1 %':>8s} {'MMACs':>9s} {'reduction %':>12s}")
+        for row in table:
+            print(f"{row['series']:28s} {row['label']:>10s} {row['accuracy']:8.2f} {row['macs'] / 1e6:9.2f} "
+                  f"{row['reduction']:12.1f}")
+        print(f"written to {args.out}")
+    return 0
+
+
 def _add_listings(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the network presets")
     p.set_defaults(func=lambda a: print("\n".join(__import__("skipnet").list_models())) or 0)
@@ -177,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_demo(sub)
+    _add_report(sub)
+    _add_sweep(sub)
     _add_listings(sub)
     return parser
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .data import BatchLoader, load_dataset
+from .reporting import measure_speed
 from .train import evaluate, load_config, load_model, train
 from .train.trainer import RunExistsError
 
@@ -62,10 +63,10 @@ def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    summary["speed"] = measure_speedup(model, data[1])
+    summary["speed"] = measure_speed(model, data[1])
     summary["train_and_eval_seconds"] = time.perf_counter() - start
     if report:
-        summary["report"] = str(write_demo_report(model, data[1], out / "report", summary, progress))
+        summary["report"] = str(write_demo_report(out / "hrl", data[1], out / "report", summary, progress))
     summary["total_seconds"] = time.perf_counter() - start
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for line in format_summary(summary):
@@ -73,12 +74,14 @@ def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_
     return summary
 
 
-def measure_speedup(model, data) -> dict[str, Any]:  # replaced once the bench harness lands
-    return {}
+DEMO_TAUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
-def write_demo_report(model, data, path: Path, summary: dict[str, Any], progress: bool) -> Path:
-    return path
+def write_demo_report(run: Path, data, path: Path, summary: dict[str, Any], progress: bool) -> Path:
+    from .reporting import make_report
+
+    return make_report(run, out=path, taus=DEMO_TAUS, scales=(0.75, 1.0, 1.25), sweep_images=3000,
+                       speed=summary.get("speed") or False, test_data=data, progress=progress)
 
 
 def format_summary(s: dict[str, Any]) -> list[str]:

@@ -72,16 +72,18 @@ class TrainSection:
     beta: float = 1.0  # weight of the accuracy term in the returns
     rl_weight: float = 0.01
     rl_reduction: str = "sum"  # batch reduction of the REINFORCE term: sum (authors) | mean
-    temperature: float = 1.0  # gate logits divided by this during HRL (ImageNet: 0.05)
+    temperature: float = 1.0  # gate logits divided by this during HRL sampling (ImageNet: 0.05 sharpens; > 1
+    # explores: the greedy decisions at tau 0.5 do not depend on it)
     freeze_bn: bool = False  # keep BatchNorm statistics fixed during HRL
     cost: str = "uniform"  # C_j: uniform (paper: every block costs 1) | macs (relative block MACs, mean 1)
     baseline: str = "none"  # none (paper) | ema (per-gate moving average of the returns)
+    skip_cap: float | None = None  # most skip reward per image, as a fraction of the gated blocks' cost
     baseline_momentum: float = 0.9
     gate_lr: float | None = None  # separate learning rate for gate parameters (None: lr)
     gate_optimizer: str = "sgd"  # sgd | adam, for the gate parameters
-    target_macs: float | None = None  # mean MACs as a fraction of the dense network; alpha adapts to reach it
-    alpha_lr: float = 5.0  # controller step: alpha += alpha_lr * (measured fraction - target) per step
-    alpha_max: float = 100.0
+    target_macs: float | None = None  # greedy-inference MACs as a fraction of the plain network; alpha adapts
+    alpha_lr: float = 0.05  # controller step: alpha += alpha_lr * (measured fraction - target) per step
+    alpha_max: float = 10.0
     cost_ema: float = 0.9  # smoothing of the measured cost fed to the controller
     # --- evaluation and mechanics ---
     tau: float = 0.5  # greedy threshold for evaluation
@@ -196,8 +198,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         section, key = dotted.split(".", 1)
         if section not in SECTIONS:
             raise ValueError(f"unknown section {section!r} in override {item!r}; expected {sorted(SECTIONS)}")
-        _coerce(SECTIONS[section], key, yaml.safe_load(value) if value else None)
-        raw.setdefault(section, {})[key] = yaml.safe_load(value) if value else None
+        cls = SECTIONS[section]
+        hint = typing.get_type_hints(cls).get(key)
+        # Strings stay as typed (YAML would turn "off" into False); other values are parsed as YAML.
+        parsed = (value if str in (typing.get_args(hint) or (hint,)) and value.lower() not in ("none", "null")
+                  else yaml.safe_load(value)) if value else None
+        raw.setdefault(section, {})[key] = _coerce(cls, key, parsed)
     return raw
 
 

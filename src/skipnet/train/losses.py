@@ -26,12 +26,15 @@ def sp_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def per_gate_returns(
-    ce: Tensor, decisions: Tensor, *, alpha: float | Tensor, beta: float, costs: Tensor | None = None
+    ce: Tensor, decisions: Tensor, *, alpha: float | Tensor, beta: float, costs: Tensor | None = None,
+    cap: float | None = None,
 ) -> Tensor:
-    """Returns r (B, N): ``-beta * ce[:, None] + (alpha / N) * reverse_cumsum((1 - g) * C)``.
+    """Returns r (B, N): ``-beta * ce[:, None] + alpha * min(reverse_cumsum((1 - g) * C) / N, cap)``.
 
     ``ce``: per-image loss (B,), treated as a constant; ``decisions``: the sampled g (B, N);
-    ``costs``: C_j (N,), all ones (the paper) when None."""
+    ``costs``: C_j (N,), all ones (the paper) when None. ``cap`` (None: the paper) bounds the skip reward
+    an image can earn: skipping beyond ``cap`` (a fraction of the N blocks' cost) earns nothing more, so the
+    policy has no reason to collapse past a compute budget."""
     if decisions.dim() != 2 or ce.shape != decisions.shape[:1]:
         raise ValueError(f"expected ce (B,) and decisions (B, N); got {tuple(ce.shape)} and {tuple(decisions.shape)}")
     n = decisions.shape[1]
@@ -39,8 +42,10 @@ def per_gate_returns(
     if costs is not None:
         skipped = skipped * costs.to(skipped)
     # sum_{j >= i}: reverse cumulative sum along the gate axis
-    future = skipped.flip(1).cumsum(1).flip(1)
-    return -beta * ce.detach().unsqueeze(1) + (alpha / n) * future
+    future = skipped.flip(1).cumsum(1).flip(1) / n
+    if cap is not None:
+        future = future.clamp(max=cap)
+    return -beta * ce.detach().unsqueeze(1) + alpha * future
 
 
 @dataclass
@@ -64,6 +69,7 @@ def hrl_loss(
     reduction: str = "sum",
     costs: Tensor | None = None,
     baseline: Tensor | None = None,
+    cap: float | None = None,
 ) -> HRLLoss:
     """The hybrid objective for one batch.
 
@@ -71,13 +77,14 @@ def hrl_loss(
     ``reduction``: how the per-image REINFORCE terms are combined over the batch -- ``"sum"`` (the
     authors' code: with ``rl_weight=0.01`` at batch 128 this equals ``"mean"`` with weight 1.28) or ``"mean"``.
     ``baseline``: per-gate baseline (N,) subtracted from the returns (variance reduction; None = paper).
+    ``cap``: the most skip reward one image can earn (see :func:`per_gate_returns`; None = paper).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
     if log_probs.shape != decisions.shape:
         raise ValueError(f"log_probs {tuple(log_probs.shape)} and decisions {tuple(decisions.shape)} differ")
     ce = F.cross_entropy(logits, labels, reduction="none")  # (B,)
-    returns = per_gate_returns(ce, decisions, alpha=alpha, beta=beta, costs=costs)  # (B, N)
+    returns = per_gate_returns(ce, decisions, alpha=alpha, beta=beta, costs=costs, cap=cap)  # (B, N)
     advantages = returns if baseline is None else returns - baseline.to(returns).unsqueeze(0)
     per_image = -(advantages.detach() * log_probs).sum(1)  # (B,): each image's own returns x log-probs
     reinforce = per_image.sum() if reduction == "sum" else per_image.mean()

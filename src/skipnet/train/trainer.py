@@ -131,6 +131,7 @@ class StageState:
     baseline: GateBaseline | None = None
     costs: torch.Tensor | None = None
     dense_macs: float = 1.0
+    table: MacTable | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -141,7 +142,7 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, state: S
         out = model(x, "sample", temperature=cfg.temperature, generator=generator)
         loss = hrl_loss(out.logits, y, out.log_probs, out.decisions, alpha=state.controller.alpha, beta=cfg.beta,
                         rl_weight=cfg.rl_weight, reduction=cfg.rl_reduction, costs=state.costs,
-                        baseline=None if state.baseline is None else state.baseline.value)
+                        baseline=None if state.baseline is None else state.baseline.value, cap=cfg.skip_cap)
         if state.baseline is not None:
             state.baseline.update(loss.returns)
         total = loss.total
@@ -154,6 +155,11 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, state: S
         "exec": out.decisions.mean().detach(),
         "macs": (out.macs.mean() / state.dense_macs).detach(),
     }
+    if cfg.stage == "hrl":
+        # What inference (greedy, tau 0.5) would spend at these gate inputs: the controller steers this one,
+        # so that an exploration temperature does not distort the compute target.
+        greedy = (out.probs.detach() >= 0.5).to(out.macs.dtype)
+        stats["greedy_macs"] = (state.table.per_image(greedy).mean() / state.dense_macs).detach()
     return total, stats
 
 
@@ -325,9 +331,12 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
         model.to(memory_format=torch.channels_last)
     optimizers = build_optimizers(model, cfg)
     steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set gives no full batch of {config.data.batch_size // world} images per "
+                         "process: lower data.batch_size")
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     table = model.mac_table(info["image_size"])
-    state = StageState(dense_macs=float(table.plain))
+    state = StageState(dense_macs=float(table.plain), table=table)
     if cfg.stage == "hrl":
         state.controller = AlphaController(cfg.alpha, cfg.target_macs, cfg.alpha_lr, cfg.alpha_max, cfg.cost_ema)
         state.baseline = GateBaseline(cfg.baseline_momentum) if cfg.baseline == "ema" else None
@@ -402,8 +411,14 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
                     for opt in optimizers:
                         opt.step()
                     step += 1
+                    if world > 1:  # every rank's controller and baseline see the same global numbers
+                        _all_mean(stats["macs"])
+                        if "greedy_macs" in stats:
+                            _all_mean(stats["greedy_macs"])
+                        if state.baseline is not None and state.baseline.value is not None:
+                            _all_mean(state.baseline.value)
                     if state.controller is not None:
-                        state.controller.update(float(stats["macs"]))
+                        state.controller.update(float(stats["greedy_macs"]))
                     for k, v in stats.items():
                         window[k] = window.get(k, 0.0) + float(v)
                     window["n"] = window.get("n", 0) + 1
@@ -422,6 +437,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
                                "images_per_s": window_images * world / max(elapsed, 1e-9)}
                         if state.controller is not None:
                             rec["alpha"] = state.controller.alpha
+                            rec["greedy_mac_fraction"] = window["greedy_macs"] / window["n"]
                         emit(rec)
                         window, window_images, window_start = {}, 0, time.perf_counter()
                     if stop.signal is not None:
@@ -454,6 +470,11 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
     if world > 1:
         dist.barrier()
     return result
+
+
+def _all_mean(t: torch.Tensor) -> None:
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
 
 
 def _prefixed(d: dict[str, Any], prefix: str) -> dict[str, Any]:

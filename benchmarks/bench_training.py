@@ -1,0 +1,122 @@
+"""Training throughput through the real pipeline: plain ResNet vs SkipNet (SP and HRL steps).
+
+Each configuration runs the trainer's own step (BatchLoader batches with on-device augmentation, the stage's
+loss, backward, SGD) on synthetic CIFAR-sized data. Configurations are interleaved round by round and the
+median images/s is reported, so a shared machine's noise hits all of them alike.
+
+    python benchmarks/bench_training.py --depth 38            # issue: SP within 10% of plain ResNet-38
+    python benchmarks/bench_training.py --depth 110 --stages sp hrl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from skipnet.data import BatchLoader, ImageData
+from skipnet.models import create_model
+from skipnet.train.config import load_config
+from skipnet.train.hrl import AlphaController, GateBaseline
+from skipnet.train.trainer import StageState, autocast, block_costs, build_optimizers, train_step
+
+
+def make_runner(depth: int, stage: str, batch: int, device: torch.device, channels_last: bool, amp: str):
+    over = [f"train.stage={stage}", f"train.channels_last={channels_last}", f"train.amp={amp}"]
+    if stage == "hrl":
+        over += ["train.baseline=ema", "train.cost=macs", "train.target_macs=0.6", "train.gate_optimizer=adam",
+                 "train.gate_lr=0.001", "train.rl_weight=1.0", "train.rl_reduction=mean", "train.lr=0.0001"]
+    cfg = load_config(None, over).train
+    model = create_model(f"cifar_resnet{depth}", gate="none" if stage == "baseline" else "rnn").to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    n = batch * 8
+    data = ImageData(images=torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+                     labels=torch.arange(n) % 10, classes=[str(i) for i in range(10)],
+                     mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), name="synthetic")
+    loader = BatchLoader(data, batch, train=True, device=device, channels_last=channels_last)
+    optimizers = build_optimizers(model, cfg)
+    table = model.mac_table((32, 32))
+    state = StageState(dense_macs=float(table.plain))
+    if stage == "hrl":
+        state.controller = AlphaController(cfg.alpha, cfg.target_macs, cfg.alpha_lr, cfg.alpha_max, cfg.cost_ema)
+        state.baseline = GateBaseline(cfg.baseline_momentum)
+        state.costs = block_costs(table, cfg.cost).to(device)
+    batches = iter(())
+    epoch = 0
+
+    def step() -> None:
+        nonlocal batches, epoch
+        x_y = next(batches, None)
+        if x_y is None:
+            batches, epoch = loader.epoch(epoch), epoch + 1
+            x_y = next(batches)
+        x, y = x_y
+        gen = torch.Generator(device=device).manual_seed(epoch) if stage == "hrl" else None
+        with autocast(device, amp):
+            loss, stats = train_step(model, x, y, cfg, state, gen)
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in optimizers:
+            o.step()
+        if state.controller is not None:
+            state.controller.update(float(stats["macs"]))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=38, help="CIFAR ResNet depth (6n+2)")
+    p.add_argument("--stages", nargs="+", default=["sp"], help="gated stages to compare with the plain network")
+    p.add_argument("--batch", type=int, default=128, help="batch size")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per configuration and round")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--amp", default="off", help="off or bf16")
+    p.add_argument("--no-channels-last", action="store_true", help="default memory layout instead")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    names = ["baseline"] + a.stages
+    runners = {s: make_runner(a.depth, s, a.batch, device, not a.no_channels_last, a.amp) for s in names}
+    for run in runners.values():  # warm-up
+        run()
+        run()
+    rates: dict[str, list[float]] = {s: [] for s in names}
+    for _ in range(a.rounds):
+        for s in names:
+            t = time.perf_counter()
+            for _ in range(a.steps):
+                runners[s]()
+            rates[s].append(a.steps * a.batch / (time.perf_counter() - t))
+    med = {s: statistics.median(r) for s, r in rates.items()}
+    rows = [{"depth": a.depth, "stage": s, "images_per_s": med[s], "ratio_vs_plain": med[s] / med["baseline"]}
+            for s in names]
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+           "cpu": platform.processor() or platform.machine(), "batch": a.batch,
+           "channels_last": not a.no_channels_last, "amp": a.amp}
+    if a.json:
+        print(json.dumps({"env": env, "rows": rows}))
+        return
+    print(f"training throughput, {env}")
+    for r in rows:
+        label = "ResNet" if r["stage"] == "baseline" else f"SkipNet {r['stage'].upper()}"
+        verdict = "" if r["stage"] == "baseline" else (
+            "  (within 10%: PASS)" if r["ratio_vs_plain"] >= 0.9 else "  (within 10%: MISS)")
+        print(f"  {label}-{a.depth:<4} {r['images_per_s']:8.1f} images/s  x{r['ratio_vs_plain']:.3f}{verdict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Glue between trained runs, data, the analysis layer and the bench harness: ``skipnet report`` / ``sweep``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import BatchLoader, ImageData, load_dataset
+from .train import evaluate
+from .train.checkpoint import build_model_from_checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def load_eval_data(payload: dict[str, Any], data: str | None = None, root: str | None = None,
+                   split: str | None = None) -> ImageData:
+    """The test set a checkpoint is evaluated on: the run's own dataset and split unless named."""
+    run = payload.get("run_config", {}).get("data", {})
+    name = data or run.get("name")
+    if name is None:
+        raise ValueError("this checkpoint does not say which data it was trained on: pass --data")
+    root = root if root is not None else (run.get("root") if name == run.get("name") else None)
+    cache = run.get("cache_dir")
+    return load_dataset(name, root, split or run.get("test_split", "test"), cache_dir=Path(cache) if cache else None)
+
+
+def load_run(path: str | Path, device: torch.device) -> tuple[Any, dict[str, Any]]:
+    payload = load_checkpoint(path)
+    model = build_model_from_checkpoint(payload, path).to(device).eval()
+    return model, payload
+
+
+def run_label(payload: dict[str, Any]) -> str:
+    """A short point label for a trade-off plot: the HRL alpha / target, or the plain depth."""
+    cfg = payload.get("model_config", {})
+    train = payload.get("run_config", {}).get("train", {})
+    if cfg.get("gate") == "none":
+        return f"R-{cfg.get('depth')}"
+    if train.get("stage") == "hrl":
+        if train.get("target_macs") is not None:
+            return f"target {train['target_macs']:g}"
+        return f"α={train.get('alpha'):g}"
+    return train.get("stage", "run").upper()
+
+
+def measure_speed(model, data: ImageData, batch_sizes: Sequence[int] = (1, 256), device: str = "cpu",
+                  tau: float = 0.5, budget_s: float = 2.0) -> dict[str, Any]:
+    """Wall-clock speed-up of the compact executor over the dense (plain) network on real test images and
+    the model's own greedy decisions, from the bench harness; with the ideal (MAC) speed-up beside it."""
+    from .bench import bench_environment, run_bench
+
+    loader = BatchLoader(data.subset(slice(0, max(batch_sizes) * 2)), max(batch_sizes), train=False, device=device)
+    inputs = torch.cat([x for x, _ in loader])
+    rows = run_bench(model, batch_sizes=batch_sizes, executors=("dense", "compact"), device=device,
+                     decisions_from_model=True, tau=tau, inputs=inputs, budget_s=budget_s)
+    keep = ("executor", "batch_size", "exec_rate", "latency_ms_p50", "latency_ms_p90", "images_per_s",
+            "speedup_vs_dense", "ideal_speedup")
+    compact = [{k: r[k] for k in keep if k in r} for r in rows if r["executor"] == "compact"]
+    dense = [{k: r[k] for k in keep if k in r} for r in rows if r["executor"] == "dense"]
+    env = bench_environment(device)
+    return {"rows": compact, "dense": dense, "environment": {k: env[k] for k in ("torch", "device", "threads")
+                                                              if k in env}}
+
+
+def make_report(checkpoint: str | Path, *, data: str | None = None, data_root: str | None = None,
+                split: str | None = None, out: str | Path | None = None, tau: float = 0.5,
+                taus: Sequence[float] = (), scales: Sequence[float] = (), sweep_images: int | None = 5000,
+                compare: Sequence[str] = (), plain: Sequence[str] = (), speed: bool | dict = True,
+                overwrite: bool = False, batch_size: int = 500, device: str = "auto", progress: bool = False,
+                test_data: ImageData | None = None) -> Path:
+    """Analyse a trained network and write its report folder; returns the path of ``report.md``."""
+    from .analysis import run_analysis, write_report
+    from .train.trainer import resolve_device
+
+    dev = resolve_device(device)
+    model, payload = load_run(checkpoint, dev)
+    if not model.is_gated:
+        raise ValueError(f"{checkpoint} holds a plain ResNet; a report analyses a SkipNet (pass it as --plain)")
+    test = test_data or load_eval_data(payload, data, data_root, split)
+    loader = BatchLoader(test, batch_size, train=False, device=dev)
+    analysis = run_analysis(model, loader, tau=tau, taus=taus, scales=scales, executor="compact",
+                            progress=progress, sweep_images=sweep_images)
+    series: dict[str, list] = {}
+    for path in compare:
+        m, p = load_run(path, dev)
+        r = evaluate(m, loader, tau=tau, executor="compact")
+        series.setdefault("SkipNet runs", []).append((r["macs_per_image"], r["accuracy"], run_label(p)))
+    for path in plain:
+        m, p = load_run(path, dev)
+        r = evaluate(m, loader)
+        series.setdefault("plain ResNet", []).append((r["macs_per_image"], r["accuracy"], run_label(p)))
+    speed_numbers = speed if isinstance(speed, dict) else (measure_speed(model, test, device=str(dev))
+                                                           if speed else None)
+    ckpt = Path(checkpoint)
+    out = Path(out) if out else (ckpt if ckpt.is_dir() else ckpt.parent) / "report"
+    cfg = model.config
+    return write_report(
+        out, analysis.routing, model_name=f"SkipNet {cfg.arch}-{cfg.depth} ({cfg.gate} gates)",
+        class_names=test.classes, images_for_gallery=test.images, speed=speed_numbers,
+        scale_analysis=analysis.scales, sweep=analysis.sweep, tradeoff_series=series or None,
+        extra={"checkpoint": str(checkpoint), "data": test.name, "tau": tau,
+               "stage": payload.get("run_config", {}).get("train", {}).get("stage")},
+        overwrite=overwrite)
+
+
+def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence[float] = (),
+               data: str | None = None, data_root: str | None = None, split: str | None = None,
+               out: str | Path, overwrite: bool = False, batch_size: int = 500, device: str = "auto",
+               progress: bool = False) -> list[dict[str, Any]]:
+    """Threshold sweep of ``runs[0]``, every run at tau 0.5, plain references; table + plot into ``out``."""
+    from .analysis import plot_tradeoff, threshold_sweep
+    from .train.trainer import resolve_device
+
+    out = Path(out)
+    files = [out / n for n in ("sweep.json", "sweep.md", "tradeoff.png")]
+    if any(f.exists() for f in files) and not overwrite:
+        raise FileExistsError(f"{out} already holds a sweep; pass --overwrite or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    first, payload = load_run(runs[0], dev)
+    test = load_eval_data(payload, data, data_root, split)
+    loader = BatchLoader(test, batch_size, train=False, device=dev)
+    table: list[dict[str, Any]] = []
+    name = f"τ sweep ({Path(runs[0]).name})"
+    for row in threshold_sweep(first, loader, taus, executor="compact", progress=progress):
+        table.append({"series": name, "label": f"τ={row['tau']:g}", "accuracy": row["accuracy"],
+                      "macs": row["mean_macs"], "reduction": row["reduction_pct"], "run": str(runs[0])})
+    for path in runs:
+        m, p = load_run(path, dev)
+        r = evaluate(m, loader, executor="compact")
+        table.append({"series": "SkipNet runs", "label": run_label(p), "accuracy": r["accuracy"],
+                      "macs": r["macs_per_image"], "reduction": r["mac_reduction"], "run": str(path)})
+    for path in plain:
+        m, p = load_run(path, dev)
+        r = evaluate(m, loader)
+        table.append({"series": "plain ResNet", "label": run_label(p), "accuracy": r["accuracy"],
+                      "macs": r["macs_per_image"], "reduction": r["mac_reduction"], "run": str(path)})
+    series: dict[str, list] = {}
+    for row in table:
+        series.setdefault(row["series"], []).append((row["macs"], row["accuracy"], row["label"]))
+    plot_tradeoff(series, out / "tradeoff.png", title=f"Accuracy vs compute on {test.name}")
+    files[0].write_text(json.dumps(table, indent=2))
+    lines = ["| series | point | top-1 (%) | MACs/image (M) | reduction vs plain (%) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['series']} | {r['label']} | {r['accuracy']:.2f} | {r['macs'] / 1e6:.2f} | {r['reduction']:.1f} |"
+              for r in table]
+    files[1].write_text("\n".join(lines) + "\n\n![trade-off](tradeoff.png)\n")
+    return table

@@ -1,0 +1,83 @@
+"""End-to-end: a tiny trained checkpoint gets a report, a sweep, and the demo runs through."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skipnet.cli import main
+from skipnet.demo import run_demo
+
+from .test_train import _write_idx
+
+
+@pytest.fixture(scope="module")
+def fmnist_root(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("fmnist")
+    for prefix, n in (("train", 160), ("t10k", 48)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 80, (n, 28, 28))
+        images[:, 8:20, 8:20] += labels[:, None, None] * 17  # something to learn
+        _write_idx(root, prefix, images, labels)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, fmnist_root) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("runs")
+    common = ["--data-root", str(fmnist_root), "--model", "cifar_resnet8", "--batch-size", "16", "--no-progress",
+              "--set", f"data.cache_dir={base / 'cache'}", "--set", "train.channels_last=false"]
+    out = {}
+    for name, extra in (("sp", ["--recipe", "fashion_mnist_sp", "--epochs", "1"]),
+                        ("plain", ["--recipe", "fashion_mnist_sp", "--stage", "baseline", "--epochs", "1"])):
+        out[name] = base / name
+        assert main(["train", *extra, *common, "--run-dir", str(out[name])]) == 0
+    for alpha in (0.5, 2.0):
+        out[f"hrl{alpha}"] = base / f"hrl{alpha}"
+        assert main(["train", "--recipe", "fashion_mnist_hrl", "--init", str(out["sp"]), "--epochs", "1",
+                     "--alpha", str(alpha), "--set", "train.target_macs=none", *common,
+                     "--run-dir", str(out[f"hrl{alpha}"])]) == 0
+    return out
+
+
+def test_report_from_a_tiny_trained_checkpoint(runs, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(runs["hrl0.5"]), "--out", str(out), "--taus", "0.3", "0.5", "0.7",
+                 "--scales", "0.75", "1.0", "--compare", str(runs["hrl2.0"]), "--plain", str(runs["plain"]),
+                 "--sweep-images", "32"]) == 0
+    text = (out / "report.md").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "![" in text and (out / "block_execution_rates.png").stat().st_size > 1000
+    assert (out / "tradeoff.png").exists() and (out / "gallery_easy.png").exists()
+    assert metrics["num_images"] == 48 and len(metrics["block_execution_rates"]) == metrics["num_gates"] + 1
+    assert {r["batch_size"] for r in metrics["speed"]["rows"]} == {1, 256}
+    assert [row["tau"] for row in metrics["threshold_sweep"]] == [0.3, 0.5, 0.7]
+    assert main(["report", str(runs["hrl0.5"]), "--out", str(out), "--no-speed"]) == 2  # no silent overwrite
+    assert main(["report", str(runs["plain"]), "--out", str(tmp_path / "r2")]) == 2  # plain: not a SkipNet
+
+
+def test_sweep_table_and_plot(runs, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(runs["hrl0.5"]), str(runs["hrl2.0"]), "--plain", str(runs["plain"]),
+                 "--taus", "0.2", "0.5", "0.8", "--out", str(out), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["series"] for r in table].count("SkipNet runs") == 2
+    assert [r["label"] for r in table if r["series"] == "plain ResNet"] == ["R-8"]
+    taus = [r for r in table if r["label"].startswith("τ=")]
+    assert len(taus) == 3 and taus[0]["macs"] >= taus[-1]["macs"]  # a higher threshold never costs more
+    assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "sweep.md").exists()
+
+
+def test_demo_runs_end_to_end(fmnist_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
+    lines: list[str] = []
+    summary = run_demo(tmp_path / "demo", data_root=str(fmnist_root), sp_epochs=0.5, hrl_epochs=0.5,
+                       progress=False, echo=lines.append)
+    text = "\n".join(lines)
+    for needle in ("SkipNet test accuracy", "every block executed", "reduction", "Per-block execution rate",
+                   "Compact vs dense at batch   1", "Compact vs dense at batch 256", "Report:"):
+        assert needle in text
+    assert (tmp_path / "demo" / "report" / "report.md").exists()
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["mac_reduction"] == summary["mac_reduction"]
