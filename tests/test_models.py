@@ -353,3 +353,209 @@ def test_config_rebuilds_the_network():
     model = create_model("cifar_resnet20", gate="ffgate2", num_classes=3, in_channels=1)
     clone = skipnet.SkipResNet(skipnet.SkipNetConfig(**model.config.to_dict()))
     clone.load_state_dict(model.state_dict())  # strict: same keys and shapes
+
+
+# --- inference fast path (host-stepped gates) and compact crossover ---------------------------------------------
+
+def _nontrivial(model):
+    """Random BN statistics and gate biases spread around 0, so decisions vary and a wrong row would show."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    if model.gates is not None:
+        for m in model.gates.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.bias, std=1.0)
+    return model
+
+
+@pytest.mark.parametrize("name,batch", [("cifar_resnet20", 1), ("cifar_resnet20", 5), ("cifar_resnet20", 33),
+                                        ("resnet18", 2)])
+def test_host_stepped_gates_match_the_module_path(name, batch):
+    """Eval without autograd runs the RNN gates on the host (a C kernel at small batches, PyTorch ops at large);
+    with autograd enabled the general loop runs the modules. Same decisions, same probabilities to float
+    rounding, for greedy (several thresholds, a temperature), fixed, all and none."""
+    from skipnet.models import gates
+
+    torch.manual_seed(0)
+    model = _nontrivial(create_model(name)).eval()
+    x = _input(name, batch=batch)
+    assert model.gates.host_stepper(x) is not None
+    if batch == 1:
+        assert isinstance(model.gates.host_stepper(x), gates._RNNNativeStepper) == (gates.native_gate_library()
+                                                                                     is not None)
+    d = _random_decisions(model, batch, 3)
+    cases = [dict(mode="greedy", tau=t) for t in (0.3, 0.5, 0.7)] + [
+        dict(mode="greedy", temperature=0.5), dict(mode="fixed", decisions=d), dict(mode="all"), dict(mode="none"),
+        dict(mode="fixed", decisions=torch.rand(batch, model.num_gates))]  # fractional: masked mixes
+    for kw in cases:
+        ref = model(x, **kw)  # autograd on: the general loop
+        for executor in ("masked", "compact"):
+            if executor == "compact" and kw["mode"] == "fixed" and not torch.equal(kw["decisions"], d):
+                continue
+            with torch.no_grad():
+                fast = model(x, executor=executor, **kw)
+            torch.testing.assert_close(fast.probs, ref.probs.detach(), rtol=0, atol=1e-6)
+            assert torch.equal(fast.decisions, ref.decisions), (kw, executor)
+            assert torch.equal(fast.macs, ref.macs)
+            scale = max(ref.logits.abs().max().item(), 1.0)
+            torch.testing.assert_close(fast.logits, ref.logits.detach(), rtol=0, atol=1e-5 * scale)
+            assert fast.log_probs is None
+
+
+def test_host_path_without_the_native_kernel(monkeypatch):
+    from skipnet.models import gates
+
+    torch.manual_seed(0)
+    model = _nontrivial(create_model("cifar_resnet14")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        native = model(x, "greedy", executor="compact")
+        monkeypatch.setattr(gates, "_native", [None])  # as if no C compiler were available
+        assert isinstance(model.gates.host_stepper(x), gates._RNNTorchStepper)
+        fallback = model(x, "greedy", executor="compact")
+    assert torch.equal(native.decisions, fallback.decisions)
+    torch.testing.assert_close(native.probs, fallback.probs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(native.logits, fallback.logits)
+
+
+def test_host_path_sees_parameter_changes():
+    """The C kernel reads the parameters in place: in-place updates (also through .data) and replaced
+    storages both show in the next pass."""
+    torch.manual_seed(0)
+    model = _nontrivial(create_model("cifar_resnet14")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    proj = model.gates.proj[2]
+    with torch.no_grad():
+        model(x)
+        proj.weight.data.mul_(-3.0)  # in place, no version bump
+        fast = model(x).probs
+    torch.testing.assert_close(fast, model(x).probs.detach(), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        proj.weight.data = torch.randn_like(proj.weight) * 5  # a new storage
+        model.gates.fc.bias.data = model.gates.fc.bias.data + 0.5
+        fast = model(x).probs
+    torch.testing.assert_close(fast, model(x).probs.detach(), rtol=0, atol=1e-6)
+    from skipnet.models import gates
+
+    proj.weight.data = proj.weight.data.t().contiguous().t()  # same values, not contiguous: the kernel can't
+    assert isinstance(model.gates.host_stepper(x), gates._RNNTorchStepper)
+    with torch.no_grad():
+        fast = model(x).probs
+    torch.testing.assert_close(fast, model(x).probs.detach(), rtol=0, atol=1e-6)
+
+
+def test_host_path_takes_channels_last_and_rejects_misfits():
+    from skipnet.models import gates
+
+    torch.manual_seed(0)
+    model = _nontrivial(create_model("cifar_resnet14")).eval()
+    clone = _nontrivial(create_model("cifar_resnet14")).eval()
+    clone.load_state_dict(model.state_dict())
+    clone.to(memory_format=torch.channels_last)
+    for batch in (3, 9):
+        x = torch.randn(batch, 3, 32, 32)
+        d = _random_decisions(model, batch, 1)
+        for kw in (dict(mode="greedy"), dict(mode="fixed", decisions=d)):
+            with torch.no_grad():
+                ref = model(x, executor="compact", **kw)
+                cl = clone(x.to(memory_format=torch.channels_last), executor="compact", **kw)
+            assert torch.equal(ref.decisions, cl.decisions)
+            torch.testing.assert_close(ref.logits, cl.logits, rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, 3, 32, 32)
+    if gates.native_gate_library() is None:
+        pytest.skip("no C compiler: the native kernel's checks are not reachable")
+    stepper = model.gates.host_stepper(x, tau=0.5)
+    with pytest.raises(ValueError, match="does not fit"):
+        stepper.step(0, 0.5, torch.randn(3, 32, 32, 32))  # gate 0 takes 16 channels
+    with pytest.raises(ValueError, match="does not fit"):
+        stepper.step(0, 0.5, torch.randn(2, 16, 32, 32))  # 2 images for a batch of 3
+    stepper.step(0, 0.5, torch.randn(3, 16, 32, 32))
+    with pytest.raises(ValueError, match="does not fit"):
+        stepper.step(2, 0.5, None)  # out of order
+    idx = torch.tensor([0, 3])
+    with pytest.raises(ValueError, match="does not fit"):
+        stepper.step(1, 0.5, (idx.numpy(), idx, torch.randn(2, 16, 32, 32)))  # image 3 of 3
+
+
+@pytest.mark.parametrize("executed", [39, 37, 20])
+def test_compact_crossover_equals_masked(executed):
+    """When nearly every image runs a block, compact execution runs it on the whole batch and restores the
+    skipped images (executors.crossover); below, it gathers and scatters. Both equal masked execution."""
+    from skipnet.models import executors
+
+    torch.manual_seed(0)
+    model = _nontrivial(create_model("cifar_resnet14")).eval()
+    batch = 40
+    # 39 of 40 cross over at every width, 37 only in the 16-channel stage, 20 nowhere
+    assert executors.crossover(16) * batch < 37 < executors.crossover(32) * batch < executors.crossover(64) * batch < 39
+    x = torch.randn(batch, 3, 32, 32)
+    d = torch.ones(batch, model.num_gates)
+    for i in range(model.num_gates):  # a different set of skipped images per gate
+        d[torch.randperm(batch)[: batch - executed], i] = 0
+    for grad in (False, True):  # the host loop and the general loop
+        with torch.set_grad_enabled(grad):
+            masked = model(x, "fixed", decisions=d, executor="masked")
+            compact = model(x, "fixed", decisions=d, executor="compact")
+        scale = max(masked.logits.abs().max().item(), 1.0)
+        torch.testing.assert_close(compact.logits, masked.logits, rtol=0, atol=1e-5 * scale)
+    block = model.blocks[1]
+    xb = torch.randn(batch, 16, 32, 32)
+    idx = torch.arange(executed)
+    with torch.no_grad():
+        out, rows = executors.run_compact_rows(block, xb.clone(), idx, executed)
+        ref = executors.run_masked(block, xb, (torch.arange(batch) < executed).float())
+    assert (rows is None) == (executed >= 37)  # block 1 has 16 channels
+    torch.testing.assert_close(out, ref)
+
+
+def test_fragmented_batch_tracks_every_image():
+    """The compact inference loop's bookkeeping: after any sequence of partial updates every image's
+    activation is found, gathered once, and the whole batch comes back with the right image per row."""
+    import numpy as np
+
+    from skipnet.models.executors import FragmentedBatch
+
+    rng = np.random.default_rng(0)
+    batch = 12
+    ref = torch.randn(batch, 2, 3, 3)
+    state = FragmentedBatch(ref.clone())
+    for step in range(40):
+        idx = np.flatnonzero(rng.random(batch) < rng.choice([0.1, 0.5, 0.9, 1.0]))
+        if len(idx) == 0:
+            continue
+        sub, images = state.gather(idx)
+        assert sorted(images.tolist()) == idx.tolist()
+        torch.testing.assert_close(sub, ref[torch.from_numpy(images)], rtol=0, atol=0)
+        new = sub * 2 + step
+        ref[torch.from_numpy(images)] = new
+        state.push(new, images)
+        assert sum(f is not None for f in state.frags) <= batch + 1
+        if step % 7 == 0:
+            whole, perm = state.whole()
+            order = torch.arange(batch) if perm is None else torch.from_numpy(perm)
+            torch.testing.assert_close(whole, ref[order], rtol=0, atol=0)
+
+
+def test_gate_address_cache_is_not_copied_or_pickled():
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = _nontrivial(create_model("cifar_resnet14")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        for clone in (copy.deepcopy(model), torch.load(_saved(model, io), weights_only=False)):
+            assert "_native_cache" not in clone.gates.__dict__
+            out = clone(x)
+            torch.testing.assert_close(out.probs, ref.probs)
+            assert torch.equal(out.decisions, ref.decisions)
+
+
+def _saved(model, io):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return buf

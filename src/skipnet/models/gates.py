@@ -5,14 +5,40 @@ its input ``x`` (B, C_i, H, W), one logit per image: ``p_i = sigmoid(logit)`` is
 the block. Deciding (straight-through, sampling, thresholding) happens elsewhere (:mod:`.decisions`).
 
 Gates that carry state (the RNN gate) get it passed in and return it -- nothing is stored on the module,
-so a model is re-entrant and safe under DDP and ``torch.compile``.
+so a model is re-entrant and safe under DDP and ``torch.compile`` (which, like FLOP counters and other
+dispatch modes, gets the PyTorch path).
+
+For inference on the CPU a gate bank may also offer a :class:`HostGateStepper` (``host_stepper``): the same
+gates, run step by step with their decisions made on the host, which the network's inference loop uses.
+The RNN gate's tensors are tiny -- at batch 1 a gate is ~15 PyTorch calls of a few microseconds each (~55 us
+in all) next to a ~200 us block -- so its stepper runs each gate as one call into a small C kernel
+(:func:`native_gate_library`: compiled once with the system C compiler and cached; it pools only the images
+whose input changed and reads the parameters in place). PyTorch ops stand in where no compiler is
+available, for float64, and for batches above 32 when PyTorch runs on several threads. The bank keeps one
+cache, of its parameters' addresses (``_native_cache``), rebuilt whenever they move; no per-call state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 GATE_TYPES = ("rnn", "ffgate1", "ffgate2")
 
@@ -37,6 +63,12 @@ class GateBank(nn.Module):
     def layers(self, index: int) -> list[nn.Module]:  # pragma: no cover
         """The layers gate ``index`` applies, in order (for compute accounting)."""
         raise NotImplementedError
+
+    def host_stepper(self, x: Tensor, temperature: float = 1.0, tau: float | None = None) -> HostGateStepper | None:
+        """A :class:`HostGateStepper` for one inference pass (no autograd) over the CPU batch ``x``
+        (B, C, H, W), deciding greedily at ``tau`` if given, or ``None`` where this gate design has none
+        (the caller then uses ``forward``)."""
+        return None
 
 
 class _FFGate(nn.Module):
@@ -100,6 +132,433 @@ class RNNGateBank(GateBank):
 
     def layers(self, index: int) -> list[nn.Module]:
         return [self.proj[index], self.rnn, self.fc]
+
+    def host_stepper(self, x: Tensor, temperature: float = 1.0, tau: float | None = None) -> HostGateStepper | None:
+        if x.device.type != "cpu" or x.dtype != self.rnn.weight_ih.dtype:
+            return None
+        if x.dtype == torch.float32 and (x.shape[0] <= NATIVE_MAX_BATCH or torch.get_num_threads() == 1):
+            lib = native_gate_library()
+            table = self._native_table() if lib is not None else None
+            if table is not None:
+                return _RNNNativeStepper(self, x.shape[0], temperature, tau, table, lib)
+        return _RNNTorchStepper(self, x, temperature)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()  # nn.Module's: a copy of __dict__
+        state.pop("_native_cache", None)  # addresses: meaningless in a copy or another process
+        return state
+
+    def _native_table(self) -> _NativeTable | None:
+        """The parameters' addresses for the C kernel, or ``None`` where it cannot read them (not contiguous
+        float32 CPU tensors of the expected shapes). Read at the start of every pass -- a moved or replaced
+        parameter has a new address -- and validated again when they change."""
+        rnn, fc = self.rnn._parameters, self.fc._parameters
+        params = [rnn["weight_ih"], rnn["weight_hh"], rnn["bias_ih"], rnn["bias_hh"], fc["weight"], fc["bias"]]
+        for m in self.proj:
+            d = m._parameters
+            params += (d["weight"], d["bias"])
+        ptrs = [p.data_ptr() for p in params]
+        table = self.__dict__.get("_native_cache")
+        if table is None or table.ptrs != ptrs:
+            table = _NativeTable(self, params, ptrs)
+            self.__dict__["_native_cache"] = table  # a plain attribute: not a parameter, buffer or submodule
+        return table if table.valid else None
+
+
+# --- host steppers: the gates of one inference pass, decided on the host ---------------------------------------
+
+class HostGateStepper:
+    """The gates of one inference pass, stepped by the network's loop (no autograd, CPU).
+
+    ``step(i, tau, src)`` runs gate ``i`` (in order, from 0) and records p_i for every image. ``src`` says
+    how the gate input changed since the previous step: the new batch (a tensor), ``(idx, idx_t, rows)``
+    when the images ``idx`` (distinct; NumPy int64 and tensor forms) changed, to ``rows`` (all of them in
+    another order, or some: the others kept theirs, having skipped an identity block), or ``None`` when
+    nothing changed. With a threshold ``tau``
+    (the same for every step of a pass) it returns the greedy decisions ``run = p_i >= tau`` (B,) on the
+    host and their count, else ``(None, 0)``. After the last gate ``probs()`` is (B, N) and
+    ``decisions()`` (B, N) float (greedy passes only)."""
+
+    def step(self, index: int, tau: float | None, src: Any) -> tuple[np.ndarray | None, int]:  # pragma: no cover
+        raise NotImplementedError
+
+    def probs(self) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def decisions(self) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class _RNNTorchStepper(HostGateStepper):
+    """The RNN gate with the module's own PyTorch ops (bit-identical probabilities). Keeps the pooled
+    features between gates, so images whose gate input did not change are not pooled again."""
+
+    def __init__(self, bank: RNNGateBank, x: Tensor, temperature: float):
+        rnn, fc = bank.rnn._parameters, bank.fc._parameters
+        self.cell = (rnn["weight_ih"], rnn["weight_hh"], rnn["bias_ih"], rnn["bias_hh"])
+        self.fc = (fc["weight"], fc["bias"])
+        self.proj = [(m._parameters["weight"], m._parameters["bias"]) for m in bank.proj]
+        h = x.new_zeros(x.shape[0], bank.hidden_dim)
+        self.state = (h, h)
+        self.temperature = temperature
+        self.pooled = x.new_zeros(0)
+        self.p: list[Tensor] = []
+        self.runs: list[np.ndarray] = []
+
+    def step(self, index: int, tau: float | None, src: Any) -> tuple[np.ndarray | None, int]:
+        if isinstance(src, Tensor):
+            self.pooled = src.mean((2, 3))  # (B, C)
+        elif src is not None:
+            _, idx_t, rows = src
+            if rows.shape[0] == self.state[0].shape[0]:  # every image, in another order (maybe another width)
+                self.pooled = rows.new_empty(rows.shape[:2])
+            self.pooled.index_copy_(0, idx_t, rows.mean((2, 3)))
+        e = F.linear(self.pooled, *self.proj[index])  # (B, E)
+        self.state = torch.lstm_cell(e, self.state, *self.cell)  # what nn.LSTMCell runs
+        logit = F.linear(self.state[0], *self.fc).squeeze(1)  # (B,)
+        if self.temperature != 1.0:
+            logit = logit / self.temperature
+        p = torch.sigmoid(logit)
+        self.p.append(p)
+        if tau is None:
+            return None, 0
+        run = (p >= tau).numpy()
+        self.runs.append(run)
+        return run, int(np.count_nonzero(run))
+
+    def probs(self) -> Tensor:
+        return torch.stack(self.p, 1)
+
+    def decisions(self) -> Tensor:
+        return torch.from_numpy(np.stack(self.runs, 1)).to(self.p[0].dtype)
+
+
+class _RNNNativeStepper(HostGateStepper):
+    """The RNN gate as one call per gate into the C kernel (float32), which pools the changed images and
+    runs projection, LSTM step, output layer and decision for every image. The kernel reads the parameters
+    in place (their addresses are checked every pass), so it always sees their current values, and checks
+    the shapes it is given. Agrees with the module to float rounding (~1e-7)."""
+
+    def __init__(self, bank: RNNGateBank, batch: int, temperature: float, tau: float | None, table: _NativeTable,
+                 lib: ctypes.CDLL):
+        n = bank.num_gates
+        self.state = np.zeros((2, bank.hidden_dim, batch), dtype=np.float32)  # h, c
+        self.pooled = np.empty((max(bank.channels), batch), dtype=np.float32)
+        self.scratch = np.empty((bank.embed_dim + 4 * bank.hidden_dim, batch), dtype=np.float32)
+        self.p = np.empty((n, batch), dtype=np.float32)
+        self.runs = np.empty((n, batch), dtype=np.uint8)
+        self.ctx = _GateCtx(
+            batch, bank.embed_dim, bank.hidden_dim, n, table.channels.ctypes.data, table.proj.ctypes.data,
+            *table.shared, self.pooled.ctypes.data, self.state.ctypes.data, self.scratch.ctypes.data,
+            self.p.ctypes.data, self.runs.ctypes.data, temperature, 0.0 if tau is None else tau, tau is not None, 0, 0,
+        )
+        self.table = table  # keeps the address arrays alive while the kernel uses them
+        self.ctx_ref = ctypes.byref(self.ctx)
+        self.batch = batch
+        self.decide = tau is not None
+        self._step = lib.skipnet_gate_step
+
+    def step(self, index: int, tau: float | None, src: Any) -> tuple[np.ndarray | None, int]:
+        if src is None:
+            n = self._step(self.ctx_ref, index, None, 0, 0, 0, 0, None)
+        else:
+            if type(src) is tuple:
+                idx, _, x = src
+                if idx.dtype != np.int64 or not idx.flags.c_contiguous:
+                    raise ValueError("gate image indices must be a contiguous int64 array")
+                idx_ptr = idx.ctypes.data
+            else:
+                x, idx_ptr = src, None
+            nhwc = 0
+            if x.dtype != torch.float32 or not x.is_contiguous():
+                if x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last):
+                    nhwc = 1
+                else:
+                    x = x.contiguous().float()
+            shape = x.shape
+            n = self._step(self.ctx_ref, index, x.data_ptr(), shape[0], shape[1], shape[2] * shape[3], nhwc, idx_ptr)
+        if n < 0:
+            raise ValueError(f"gate {index}: its input does not fit (error {n}: "
+                             f"{_NATIVE_ERRORS.get(n, 'unknown')}); got {None if src is None else tuple(shape)}")
+        return (self.runs[index], n) if self.decide else (None, 0)
+
+    def probs(self) -> Tensor:
+        return torch.from_numpy(self.p[: self.ctx.steps].T.copy())
+
+    def decisions(self) -> Tensor:
+        return torch.from_numpy(self.runs[: self.ctx.steps].T.astype(np.float32))
+
+
+class _NativeTable:
+    """Addresses of an RNN gate bank's parameters for the C kernel, validated once per set of storages."""
+
+    def __init__(self, bank: RNNGateBank, params: list[Tensor], ptrs: list[int]):
+        e, hid = bank.embed_dim, bank.hidden_dim
+        shapes = [(4 * hid, e), (4 * hid, hid), (4 * hid,), (4 * hid,), (1, hid), (1,)]
+        for c in bank.channels:
+            shapes += [(e, c), (e,)]
+        self.valid = len(params) == len(shapes) and all(
+            tuple(p.shape) == shape and p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous()
+            for p, shape in zip(params, shapes)
+        )
+        self.ptrs = ptrs
+        self.storages = [p.untyped_storage() for p in params]  # alive while the kernel may read them
+        self.shared = ptrs[:6]
+        self.proj = np.asarray(ptrs[6:], dtype=np.uint64)  # (2N,): weight, bias per gate
+        self.channels = np.asarray(bank.channels, dtype=np.int64)  # (N,)
+
+
+# --- the C kernel ------------------------------------------------------------------------------------------------
+
+# The kernel runs on one thread; above this batch size, with more than one thread, PyTorch's (parallel)
+# pooling and matrix products take over.
+NATIVE_MAX_BATCH = 32
+
+_NATIVE_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+
+typedef struct {
+    int64_t batch, embed, hidden, gates;      /* B, E, H, N */
+    const int64_t *channels;                  /* (N): input width C_i of each gate */
+    const uint64_t *proj;                     /* (2N): addresses of W_p (E, C_i) and b_p (E) of each gate */
+    const float *w_ih, *w_hh, *b_ih, *b_hh;   /* LSTM cell: (4H, E), (4H, H), (4H), (4H); gates i, f, g, o */
+    const float *w_fc, *b_fc;                 /* output layer: (1, H), (1) */
+    float *pooled;                            /* (C, B) pooled gate input, feature-major */
+    float *state;                             /* (2, H, B): h, c */
+    float *scratch;                           /* (E + 4H, B) */
+    float *probs;                             /* (N, B) */
+    uint8_t *runs;                            /* (N, B) greedy decisions */
+    float temperature;                        /* divides the logits */
+    float tau;                                /* greedy threshold, */
+    int32_t decide;                           /* used if decide != 0 */
+    int64_t width;                            /* C of the pooled features (0: none yet) */
+    int64_t steps;                            /* gates run so far */
+} gate_ctx;
+
+/* exp(x) for x in [-87, 88] (clamped), to ~1 ulp: 2^n e^r with |r| <= ln(2)/2 (Cephes' expf polynomial).
+   Branch-free and call-free, so that the loops over images below vectorise. */
+static inline float exp_(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round to nearest */
+    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale;
+    scale.i = ((int32_t)n + 127) << 23;
+    return p * scale.f;
+}
+
+static inline float sigmoid_(float z) { return 1.0f / (1.0f + exp_(-z)); }
+
+static inline float tanh_(float z) { return 2.0f * sigmoid_(2.0f * z) - 1.0f; }
+
+/* out (rows, B) += w (rows, k) @ in (k, B): the inner loop runs over the images, so it vectorises without
+   reordering any sum -- each image's sums run in index order, whatever B is. */
+static void gemm_acc_(float *out, const float *w, const float *in, int64_t rows, int64_t k, int64_t B) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *o = out + r * B;
+        for (int64_t j = 0; j < k; j++) {
+            const float wj = w[r * k + j], *x = in + j * B;
+            for (int64_t b = 0; b < B; b++) o[b] += wj * x[b];
+        }
+    }
+}
+
+static void fill_rows_(float *out, const float *bias, int64_t rows, int64_t B) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < B; b++) out[r * B + b] = bias ? bias[r] : 0.0f;
+}
+
+static int64_t finish_(gate_ctx *ctx, int64_t index, float *logit);
+
+/* Gate `index` for every image. If x is given, first pool it: x (rows, c, hw), C-contiguous -- or
+   (rows, hw, c) with channels_last -- is the new input of images idx[r] (distinct; of images 0..B-1 if idx
+   is null, then rows == B); the other images keep their pooled features. Then e = W_p m + b_p, one LSTM
+   step, logit = w_fc h + b_fc and p = sigmoid(logit / temperature) into probs[index]; with decide,
+   runs[index] = p >= tau. Returns the number of images that run (0 without decide), or a negative error
+   code when the input does not fit. */
+int64_t skipnet_gate_step(gate_ctx *ctx, int64_t index, const float *x, int64_t rows, int64_t c, int64_t hw,
+                          int channels_last, const int64_t *idx) {
+    const int64_t B = ctx->batch, E = ctx->embed, H = ctx->hidden, G = 4 * H;
+    if (index < 0 || index >= ctx->gates || index != ctx->steps) return -1;
+    const int64_t width = ctx->channels[index];
+    if (x) {
+        if (c != width || hw < 1) return -2;
+        if (idx ? rows < 1 || rows > B : rows != B) return -3;
+        for (int64_t r = 0; idx && r < rows; r++)
+            if (idx[r] < 0 || idx[r] >= B) return -3;
+        if (rows < B && width != ctx->width) return -2;  /* the other images' features are of another width */
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t b = idx ? idx[r] : r;
+            if (channels_last) {  /* x (rows, hw, c): 16 channels at a time, their sums in registers */
+                const float *src = x + r * hw * c;
+                int64_t k0 = 0;
+                for (; k0 + 16 <= c; k0 += 16) {
+                    float acc[16] = {0};
+                    for (int64_t j = 0; j < hw; j++)
+                        for (int l = 0; l < 16; l++) acc[l] += src[j * c + k0 + l];
+                    for (int l = 0; l < 16; l++) ctx->pooled[(k0 + l) * B + b] = acc[l] / (float)hw;
+                }
+                for (; k0 < c; k0++) {
+                    float s = 0.0f;
+                    for (int64_t j = 0; j < hw; j++) s += src[j * c + k0];
+                    ctx->pooled[k0 * B + b] = s / (float)hw;
+                }
+                continue;
+            }
+            for (int64_t k = 0; k < c; k++) {
+                const float *src = x + (r * c + k) * hw;
+                float acc[16] = {0};
+                int64_t j = 0;
+                for (; j + 16 <= hw; j += 16)
+                    for (int l = 0; l < 16; l++) acc[l] += src[j + l];
+                float s = 0.0f;
+                for (int l = 0; l < 16; l++) s += acc[l];
+                for (; j < hw; j++) s += src[j];
+                ctx->pooled[k * B + b] = s / (float)hw;
+            }
+        }
+        ctx->width = width;
+    } else if (width != ctx->width) {
+        return -2;  /* the input changed width, so it must be given */
+    }
+    const float *wp = (const float *)(uintptr_t)ctx->proj[2 * index];
+    const float *bp = (const float *)(uintptr_t)ctx->proj[2 * index + 1];
+    float *e = ctx->scratch, *z = ctx->scratch + E * B, *h = ctx->state, *cell = ctx->state + H * B;
+    if (B < 8) {  /* few images: image by image (the same sums in the same order as below) */
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t j = 0; j < E; j++) {
+                float acc = bp[j];
+                for (int64_t k = 0; k < width; k++) acc += wp[j * width + k] * ctx->pooled[k * B + b];
+                e[j] = acc;
+            }
+            for (int64_t g = 0; g < G; g++) {
+                float acc = ctx->b_ih[g];
+                for (int64_t k = 0; k < E; k++) acc += ctx->w_ih[g * E + k] * e[k];
+                for (int64_t k = 0; k < H; k++) acc += ctx->w_hh[g * H + k] * h[k * B + b];
+                z[g] = acc + ctx->b_hh[g];
+            }
+            for (int64_t k = 0; k < H; k++) {
+                const float cn = sigmoid_(z[H + k]) * cell[k * B + b] + sigmoid_(z[k]) * tanh_(z[2 * H + k]);
+                cell[k * B + b] = cn;
+                h[k * B + b] = sigmoid_(z[3 * H + k]) * tanh_(cn);
+            }
+        }
+        return finish_(ctx, index, e);
+    }
+    fill_rows_(e, bp, E, B);
+    gemm_acc_(e, wp, ctx->pooled, E, width, B);             /* e = W_p m + b_p          (E, B) */
+    fill_rows_(z, ctx->b_ih, G, B);
+    gemm_acc_(z, ctx->w_ih, e, G, E, B);
+    gemm_acc_(z, ctx->w_hh, h, G, H, B);
+    for (int64_t g = 0; g < G; g++)                         /* z = W_ih e + b_ih + W_hh h + b_hh  (4H, B) */
+        for (int64_t b = 0; b < B; b++) z[g * B + b] += ctx->b_hh[g];
+    for (int64_t k = 0; k < H; k++)
+        for (int64_t b = 0; b < B; b++) {
+            const float cn = sigmoid_(z[(H + k) * B + b]) * cell[k * B + b]
+                             + sigmoid_(z[k * B + b]) * tanh_(z[(2 * H + k) * B + b]);
+            cell[k * B + b] = cn;
+            h[k * B + b] = sigmoid_(z[(3 * H + k) * B + b]) * tanh_(cn);
+        }
+    return finish_(ctx, index, e);
+}
+
+/* The logits from h, p = sigmoid(logit / temperature) and the decisions of gate `index`; `logit` is (B). */
+static int64_t finish_(gate_ctx *ctx, int64_t index, float *logit) {
+    const int64_t B = ctx->batch, H = ctx->hidden;
+    const float *h = ctx->state;
+    fill_rows_(logit, ctx->b_fc, 1, B);
+    gemm_acc_(logit, ctx->w_fc, h, 1, H, B);
+    if (ctx->temperature != 1.0f)
+        for (int64_t b = 0; b < B; b++) logit[b] /= ctx->temperature;
+    float *p = ctx->probs + index * B;
+    for (int64_t b = 0; b < B; b++) p[b] = sigmoid_(logit[b]);
+    int64_t count = 0;
+    if (ctx->decide) {
+        uint8_t *run = ctx->runs + index * B;
+        for (int64_t b = 0; b < B; b++) {
+            run[b] = p[b] >= ctx->tau;
+            count += run[b];
+        }
+    }
+    ctx->steps = index + 1;
+    return count;
+}
+"""
+
+
+class _GateCtx(ctypes.Structure):
+    _fields_ = [
+        ("batch", ctypes.c_int64), ("embed", ctypes.c_int64), ("hidden", ctypes.c_int64), ("gates", ctypes.c_int64),
+        ("channels", ctypes.c_void_p), ("proj", ctypes.c_void_p), ("w_ih", ctypes.c_void_p), ("w_hh", ctypes.c_void_p),
+        ("b_ih", ctypes.c_void_p), ("b_hh", ctypes.c_void_p), ("w_fc", ctypes.c_void_p), ("b_fc", ctypes.c_void_p),
+        ("pooled", ctypes.c_void_p), ("state", ctypes.c_void_p), ("scratch", ctypes.c_void_p),
+        ("probs", ctypes.c_void_p), ("runs", ctypes.c_void_p),
+        ("temperature", ctypes.c_float), ("tau", ctypes.c_float), ("decide", ctypes.c_int32), ("width", ctypes.c_int64),
+        ("steps", ctypes.c_int64),
+    ]
+
+
+_NATIVE_ERRORS = {-1: "gates must run in order", -2: "wrong number of channels", -3: "bad image indices"}
+
+
+_native: list = []  # [library or None], once per process
+
+
+def native_gate_library() -> ctypes.CDLL | None:
+    """The C kernel of the RNN gate's inference stepper, or ``None`` (then PyTorch ops are used).
+
+    Compiled on first use with the system C compiler (``$CC`` or ``cc``; ``-O3 -fno-trapping-math``, no
+    ``-march``, so the file suits any machine of the architecture) into ``$SKIPNET_CACHE_DIR`` (default
+    ``$XDG_CACHE_HOME/skipnet`` or ``~/.cache/skipnet``), named by a hash of source, compiler, flags and
+    platform, and reused after that. ``SKIPNET_NATIVE_GATES=0`` turns it off."""
+    if not _native:
+        lib = None
+        if os.environ.get("SKIPNET_NATIVE_GATES", "1") != "0":
+            try:
+                lib = _load_native()
+            except Exception as err:  # no compiler, read-only cache, ...: fall back to PyTorch ops
+                logger.info("native RNN-gate kernel unavailable (%s); using PyTorch ops", err)
+        _native.append(lib)
+    return _native[0]
+
+
+def _load_native() -> ctypes.CDLL:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise OSError(f"no C compiler {cc!r} on PATH")
+    flags = ["-O3", "-fno-trapping-math", "-std=c99", "-shared", "-fPIC"]  # same results; lets the loops vectorise
+    key = hashlib.sha256("\0".join([_NATIVE_SOURCE, cc, *flags, platform.machine(), platform.system()]).encode())
+    if os.environ.get("SKIPNET_CACHE_DIR"):
+        cache = Path(os.environ["SKIPNET_CACHE_DIR"])
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "skipnet"
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = cache / f"rnn_gate_{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src, out = Path(tmp) / "rnn_gate.c", Path(tmp) / "rnn_gate.so"
+            src.write_text(_NATIVE_SOURCE)
+            subprocess.run([cc, *flags, "-o", str(out), str(src), "-lm"], check=True, capture_output=True, timeout=120)
+            os.replace(out, target)  # atomic: concurrent builders leave one complete file
+        for old in cache.glob("rnn_gate_*.so"):  # other versions' builds, unless maybe just built
+            with contextlib.suppress(OSError):
+                if old != target and time.time() - old.stat().st_mtime > 3600:
+                    old.unlink()  # a process that loaded it keeps its mapping
+    lib = ctypes.CDLL(str(target))
+    lib.skipnet_gate_step.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int, ctypes.c_void_p,
+    ]
+    lib.skipnet_gate_step.restype = ctypes.c_int64
+    return lib
 
 
 def build_gates(kind: str, channels: list[int], embed_dim: int = 10, hidden_dim: int = 10) -> GateBank:

@@ -11,15 +11,25 @@ mode and the executor are chosen per call; the model holds no per-call state.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..cost import MacTable, build_mac_table
 from .blocks import BasicBlock, Bottleneck, ResidualBlock, projection
 from .decisions import check_mode, decide
-from .executors import get_executor
-from .gates import GATE_TYPES, build_gates
+from .executors import (
+    FragmentedBatch,
+    crossover,
+    get_executor,
+    merge_into,
+    run_block,
+    run_compact_rows,
+    run_masked,
+)
+from .gates import GATE_TYPES, HostGateStepper, build_gates
 
 IMAGENET_LAYOUTS: dict[int, tuple[type[ResidualBlock], tuple[int, ...]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),
@@ -29,6 +39,8 @@ IMAGENET_LAYOUTS: dict[int, tuple[type[ResidualBlock], tuple[int, ...]]] = {
     152: (Bottleneck, (3, 8, 36, 3)),
 }
 ARCHS = ("cifar", "imagenet")
+_HOST_MODES = ("greedy", "fixed", "all", "none")  # modes with hard decisions and no gradient to the gates
+GATE_OPEN_BIAS = 3.0  # initial bias of every gate's output layer: sigmoid(3) = 0.95
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,13 @@ class SkipNetOutput:
     decisions: Tensor
     log_probs: Tensor | None
     macs: Tensor
+
+
+def _plain_eager(x: Tensor) -> bool:
+    """True for an ordinary tensor run eagerly: no tensor subclass (fake, functional), no dispatch mode (a
+    FLOP counter, fake-tensor tracing) and no compilation -- which would not see work done outside PyTorch
+    (the host-stepped gates)."""
+    return type(x) is Tensor and not torch._C._len_torch_dispatch_stack() and not torch.compiler.is_compiling()
 
 
 class SkipResNet(nn.Module):
@@ -136,6 +155,12 @@ class SkipResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if self.gates is not None:
+            # Gates start open (p ~ 0.95): SP begins as the plain ResNet and learns where to skip. With a
+            # random start, straight-through gates may close before the blocks behind them learn anything.
+            for name, m in self.gates.named_modules():
+                if name.split(".")[-1] == "fc" and isinstance(m, nn.Linear):
+                    nn.init.constant_(m.bias, GATE_OPEN_BIAS)
 
     @property
     def is_gated(self) -> bool:
@@ -196,7 +221,7 @@ class SkipResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, C0, H', W')
         if self.gates is None:
             for block in self.blocks:
-                x = block(x)
+                x = run_block(block, x)  # block(x), with the merge in place when there is no autograd
             ones = x.new_ones(batch, self.num_gates)
             return SkipNetOutput(self._head(x), None, ones, None, table.per_image(ones))
 
@@ -210,6 +235,13 @@ class SkipResNet(nn.Module):
         fixed = self._check_fixed(decisions, batch, x.device) if mode == "fixed" else None
         if temperature <= 0:
             raise ValueError(f"temperature must be positive; got {temperature}")
+
+        if mode in _HOST_MODES and not self.training and not torch.is_grad_enabled() and _plain_eager(x):
+            if mode == "greedy" and not 0.0 <= tau <= 1.0:
+                raise ValueError(f"greedy threshold tau must lie in [0, 1], got {tau}")
+            stepper = self.gates.host_stepper(x, temperature, tau if mode == "greedy" else None)
+            if stepper is not None:
+                return self._forward_host(x, stepper, mode, executor == "compact", tau, fixed, table)
 
         x = self.blocks[0](x)
         state = self.gates.init_state(x)
@@ -232,6 +264,79 @@ class SkipResNet(nn.Module):
             log_probs=torch.stack(log_probs, 1) if log_probs else None,
             macs=table.per_image(dec),
         )
+
+    def _forward_host(
+        self, x: Tensor, stepper: HostGateStepper, mode: str, compact: bool, tau: float, fixed: Tensor | None,
+        table: MacTable,
+    ) -> SkipNetOutput:
+        """Inference on the CPU without autograd, hard decisions (greedy, fixed, all, none): the gates are
+        stepped and decided on the host (:class:`~skipnet.models.gates.HostGateStepper`), so the compact
+        executor gets its image indices without a tensor round trip and a block no image needs costs only
+        its gate; a gate whose input did not change for some images (they skipped an identity block) does
+        not pool them again. Compact execution keeps the batch as a
+        :class:`~skipnet.models.executors.FragmentedBatch`: the images that run a block are gathered (one
+        copy) and their outputs stay where they were computed; the logits are put back in image order at
+        the end. Same decisions and, to float tolerance, the same outputs as the general loop."""
+        batch = x.shape[0]
+        x = self.blocks[0](x)  # (B, C, H, W)
+        greedy = tau if mode == "greedy" else None
+        if fixed is not None:
+            fixed_run = (fixed > 0.5).cpu().numpy()  # (B, N) bool
+            fixed_n = fixed_run.sum(0).tolist()
+        n = 0  # mode "none": nothing runs
+        state = FragmentedBatch(x) if compact and mode != "all" else None
+        src: Any = x  # what changed in the gate input since the last gate: see HostGateStepper
+        for i, block in enumerate(self.blocks[1:]):
+            run, step_n = stepper.step(i, greedy, src)  # run: (B,) on the host, greedy only
+            if greedy is not None:
+                n = step_n
+            elif fixed is not None:
+                n = fixed_n[i]
+                if 0 < n < batch:
+                    run = fixed_run[:, i]
+            if mode == "all":
+                x = src = run_block(block, x)
+                continue
+            if state is None:  # the masked executor, with the given (maybe fractional) or greedy decisions
+                if fixed is not None:
+                    g = fixed[:, i]
+                else:
+                    g = x.new_zeros(batch) if run is None else torch.from_numpy(run)  # greedy, or mode "none"
+                x = src = run_masked(block, x, g)
+                continue
+            if n == 0 and block.downsample is None:
+                src = None  # nothing changed: the next gate reuses the pooled features
+                continue
+            if n == batch or n == 0:  # every image runs, or a skipped transition block pays its projection
+                xw, perm = state.whole()
+                out = run_block(block, xw) if n else block.shortcut(xw)
+            else:
+                idx = np.flatnonzero(run)
+                width = self.gates.channels[i]
+                if block.downsample is None and not (state.single and n >= crossover(width, copies=1) * batch):
+                    sub, images = state.gather(idx)  # (n, C, H, W): the one copy
+                    f = merge_into(block, block.residual(sub), sub)
+                    state.push(f, images)
+                    src = (images, torch.from_numpy(images), f)  # only these images changed
+                    continue
+                xw, perm = state.whole()  # a transition block, or nearly every image runs (the crossover)
+                pos = idx if perm is None else state.row[idx]
+                out = run_compact_rows(block, xw, torch.from_numpy(pos), n)[0]
+            state.replace(out)
+            src = out if perm is None else (perm, torch.from_numpy(perm), out)
+        if state is not None:
+            x, perm = state.whole()
+        probs = stepper.probs()  # (B, N)
+        if greedy is not None:
+            dec = stepper.decisions()
+        elif fixed is not None:
+            dec = fixed.to(probs.dtype)
+        else:
+            dec = torch.full_like(probs, 1.0 if mode == "all" else 0.0)
+        logits = self._head(x)  # rows in the order perm
+        if state is not None and perm is not None:
+            logits = torch.empty_like(logits).index_copy_(0, torch.from_numpy(perm), logits)
+        return SkipNetOutput(logits, probs, dec, None, table.per_image(dec))
 
     def _head(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, classes)
