@@ -81,3 +81,17 @@ def test_demo_runs_end_to_end(fmnist_root, tmp_path, monkeypatch):
         assert needle in text
     assert (tmp_path / "demo" / "report" / "report.md").exists()
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["mac_reduction"] == summary["mac_reduction"]
+
+
+def test_bench_command_json(runs, capsys):
+    keys = {"model", "executor", "batch_size", "exec_rate", "latency_ms_p50", "latency_ms_p90", "images_per_s",
+            "speedup_vs_dense", "ideal_speedup"}
+    assert main(["bench", "cifar_resnet8", "--batch-sizes", "1", "4", "--rates", "0.5", "--budget", "0.02",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {r["executor"] for r in rows} >= {"dense", "masked", "compact", "per_image"}
+    assert all(keys <= set(r) for r in rows) and {r["batch_size"] for r in rows} == {1, 4}
+    assert main(["bench", str(runs["hrl0.5"]), "--batch-sizes", "2", "--executors", "dense", "compact",
+                 "--budget", "0.02", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {r["executor"] for r in rows} == {"dense", "compact"}

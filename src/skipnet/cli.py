@@ -216,6 +216,52 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time the plain network and the SkipNet executors",
+                       description="Latency (p50/p90), images/s and speed-up vs the plain ResNet of the dense, "
+                                   "masked, compact and per-image executors, next to the ideal (MAC) speed-up.")
+    p.add_argument("model", nargs="?", default="cifar_resnet110",
+                   help="a preset (random weights, random decisions at --rates) or a checkpoint/run folder "
+                        "(its own greedy decisions on its test images when --data is given, else on noise)")
+    p.add_argument("--gate", default="rnn", help="gate design for a preset")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256], help="batch sizes")
+    p.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0],
+                   help="execution rates (presets): each gate fires for this fraction of images")
+    p.add_argument("--executors", nargs="+", default=["dense", "masked", "compact", "per_image"],
+                   help="executors to time: dense, masked, compact, per_image")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per group (sets the repeats)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON list of rows")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import bench_environment, format_table, run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model: Any = args.model
+    kwargs: dict[str, Any] = {}
+    if Path(args.model).exists():
+        from .train import load_model
+
+        model = load_model(args.model)
+        kwargs["decisions_from_model"] = True
+    rows = run_bench(model, batch_sizes=args.batch_sizes, exec_rates=args.rates, executors=args.executors,
+                     device=args.device, dtype=dtype, budget_s=args.budget, gate=args.gate, **kwargs)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(json.dumps({k: v for k, v in bench_environment(args.device, dtype).items()}))
+        print(format_table(rows))
+    return 0
+
+
 def _add_listings(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the network presets")
     p.set_defaults(func=lambda a: print("\n".join(__import__("skipnet").list_models())) or 0)
@@ -243,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_report(sub)
     _add_sweep(sub)
+    _add_bench(sub)
     _add_listings(sub)
     return parser
 
