@@ -559,3 +559,23 @@ def _saved(model, io):
     torch.save(model, buf)
     buf.seek(0)
     return buf
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gated_merge_matches_autograd(channels_last):
+    from skipnet.models.executors import GatedMerge
+
+    torch.manual_seed(0)
+    r, s = torch.randn(4, 3, 5, 5, dtype=torch.double), torch.randn(4, 3, 5, 5, dtype=torch.double)
+    if channels_last:
+        r, s = (t.contiguous(memory_format=torch.channels_last) for t in (r, s))
+    r.requires_grad_()
+    s.requires_grad_()
+    g = torch.tensor([1.0, 0.0, 1.0, 0.3], dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(GatedMerge.apply, (r, s, g))
+    out = GatedMerge.apply(r, s, g)
+    ref = torch.lerp(s, torch.relu(r + s), g.view(-1, 1, 1, 1))
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (r, s, g), grad), torch.autograd.grad(ref, (r, s, g), grad)):
+        torch.testing.assert_close(a, b)

@@ -42,8 +42,52 @@ def crossover(channels: int, copies: int = 2) -> float:
 
 def run_masked(block: ResidualBlock, x: Tensor, g: Tensor) -> Tensor:
     s = block.shortcut(x)
-    f = block.merge(block.residual(x), s)
+    r = block.residual(x)
+    if type(block).merge is ResidualBlock.merge and torch.is_grad_enabled():
+        return GatedMerge.apply(r, s, g)  # fused backward: ~35% less extra memory traffic in training
+    f = block.merge(r, s)
     return torch.lerp(s, f, g.view(-1, 1, 1, 1).to(f.dtype))
+
+
+def _flat_rows(t: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, C*H*W), a view for contiguous and channels_last tensors."""
+    if t.is_contiguous():
+        return t.view(t.shape[0], -1)
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], -1)
+
+
+class GatedMerge(torch.autograd.Function):
+    """``S + g * (relu(R + S) - S)`` for the default merge, with a hand-written backward.
+
+    Autograd's version of the same expression makes about eight passes over the activations in backward
+    (lerp's three outputs, the subtraction, the ReLU, the accumulation); this one makes five: the gate's
+    gradient sum_{chw} grad * (f - s) as one batched dot product, and the two input gradients from one
+    ReLU mask. Values and gradients equal autograd's (checked by gradcheck in the tests)."""
+
+    @staticmethod
+    def forward(ctx, r: Tensor, s: Tensor, g: Tensor) -> Tensor:  # type: ignore[override]
+        f = torch.add(r, s).relu_()
+        g4 = g.view(-1, 1, 1, 1).to(f.dtype)
+        ctx.save_for_backward(f, s, g4)
+        ctx.g_dtype = g.dtype
+        return torch.lerp(s, f, g4)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
+        f, s, g4 = ctx.saved_tensors
+        grad_r = torch.ops.aten.threshold_backward(grad * g4, f, 0)  # d/dR: g * 1[f > 0] * grad
+        grad_s = torch.addcmul(grad_r, grad, 1 - g4)  # d/dS: (1 - g) * grad + d/dR
+        grad_g = None
+        if ctx.needs_input_grad[2]:
+            diff = f - s
+            if grad.stride() == diff.stride():
+                grad_g = torch.bmm(_flat_rows(grad).unsqueeze(1), _flat_rows(diff).unsqueeze(2)).view(-1)
+            else:
+                grad_g = (grad * diff).sum((1, 2, 3))
+            grad_g = grad_g.to(ctx.g_dtype)
+        return grad_r, grad_s, grad_g
 
 
 def _format(x: Tensor) -> torch.memory_format:
