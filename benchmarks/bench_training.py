@@ -42,7 +42,7 @@ def make_runner(depth: int, stage: str, batch: int, device: torch.device, channe
     loader = BatchLoader(data, batch, train=True, device=device, channels_last=channels_last)
     optimizers = build_optimizers(model, cfg)
     table = model.mac_table((32, 32))
-    state = StageState(dense_macs=float(table.plain))
+    state = StageState(dense_macs=float(table.plain), table=table)
     if stage == "hrl":
         state.controller = AlphaController(cfg.alpha, cfg.target_macs, cfg.alpha_lr, cfg.alpha_max, cfg.cost_ema)
         state.baseline = GateBaseline(cfg.baseline_momentum)
