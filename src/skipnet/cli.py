@@ -99,15 +99,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import BatchLoader
-    from .reporting import load_eval_data
+    from .reporting import load_eval_data, load_run
     from .train import evaluate
-    from .train.checkpoint import build_model_from_checkpoint, load_checkpoint
     from .train.trainer import resolve_device
 
-    payload = load_checkpoint(args.checkpoint)
-    model = build_model_from_checkpoint(payload, args.checkpoint)
     device = resolve_device(args.device)
-    model.to(device)
+    model, payload = load_run(args.checkpoint, device)
     data = load_eval_data(payload, args.data, args.data_root, args.split)
     loader = BatchLoader(data, args.batch_size, train=False, device=device)
     result = evaluate(model, loader, mode=args.mode, tau=args.tau, executor=args.executor,
@@ -257,7 +254,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
-        print(json.dumps({k: v for k, v in bench_environment(args.device, dtype).items()}))
+        print(json.dumps(bench_environment(args.device, dtype)))
         print(format_table(rows))
     return 0
 

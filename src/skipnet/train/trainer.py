@@ -91,12 +91,11 @@ def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
 
 
 def set_lrs(optimizers: list[torch.optim.Optimizer], lr: float, cfg) -> None:
-    scale = lr / cfg.lr
     for opt in optimizers:
         for group in opt.param_groups:
-            base = cfg.lr if group.get("role") == "backbone" else (cfg.gate_lr or cfg.lr)
-            # the gate lr follows the backbone schedule only when it is the same lr
-            group["lr"] = base * scale if (group.get("role") == "backbone" or cfg.gate_lr is None) else base
+            # the gates follow the backbone schedule unless they have their own (constant) lr
+            scheduled = group.get("role") == "backbone" or cfg.gate_lr is None
+            group["lr"] = lr if scheduled else cfg.gate_lr
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
