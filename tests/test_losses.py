@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from skipnet.train import hrl_loss, per_gate_returns
-from skipnet.train.hrl import AlphaController, GateBaseline
+from skipnet.train.hrl import AlphaController, GateBaseline, ThresholdController, needed_shift
 
 LN2, LN43 = math.log(2.0), math.log(4.0 / 3.0)
 
@@ -118,3 +118,33 @@ def test_skip_reward_cap_bounds_what_an_image_can_earn():
     r = per_gate_returns(ce, g, alpha=0.3, beta=1.0, cap=0.5)
     expected = torch.tensor([[0.15 - LN2, 0.15 - LN2, 0.1 - LN2], [0.1 - LN43, -LN43, -LN43]])
     torch.testing.assert_close(r, expected)
+
+
+
+def test_needed_shift_by_hand():
+    z = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    saved = torch.tensor([1.0, 2.0])  # per image and block: 0.5 and 1.0 of the batch mean
+    # wanted most to least: 3 (1.0), 2 (0.5), 0.5 (0.5), -1 (1.0); a budget of 1.5 runs the first two
+    assert needed_shift(z, saved, 1.5) == pytest.approx(-1.25)
+    assert ((z - 1.25 >= 0).float() * saved).sum() / 2 == 1.5
+    assert needed_shift(z, saved, 0.5) == pytest.approx(-4.0)  # nothing fits: all close
+    assert needed_shift(z, saved, 5.0) == pytest.approx(2.0)  # everything fits: all open
+
+
+def test_threshold_controller_follows_a_ramp_then_holds_the_target():
+    z, saved = torch.tensor([[2.0, -1.0], [0.5, 3.0]]), torch.tensor([0.25, 0.5])
+    c = ThresholdController(0.5, ramp_steps=2, gain=0.5, max_step=0.5)
+    assert c.target_now() == 0.5  # nothing measured yet
+    d = c.update(1.0, z, saved, base=0.1)  # the ramp starts at the first measured cost
+    assert needed_shift(z, saved, 1.0 - 0.1) == 2.0 and d == 0.5  # all fit: half the shift, clipped to max_step
+    assert c.target_now() == pytest.approx(0.75)
+    d2 = c.update(1.0, z, saved, base=0.1)
+    assert d2 == pytest.approx(0.5 * 0.25)  # budget 0.65 runs all but the -1: threshold between 0.5 and -1
+    assert c.target_now() == 0.5 and c.steps == 2 and c.offset == pytest.approx(d + d2)
+    e = ThresholdController(0.5, ramp_steps=2, gain=0.5)
+    e.load_state_dict(c.state_dict())
+    assert e.target_now() == c.target_now() and e.update(0.4, z, saved, 0.1) == c.update(0.4, z, saved, 0.1)
+    with pytest.raises(ValueError, match="target"):
+        ThresholdController(1.5, 10, 0.5)
+    with pytest.raises(ValueError, match="gain"):
+        ThresholdController(0.5, 10, 2.0)

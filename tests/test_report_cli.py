@@ -36,7 +36,7 @@ def runs(tmp_path_factory, fmnist_root) -> dict[str, Path]:
         assert main(["train", *extra, *common, "--run-dir", str(out[name])]) == 0
     for alpha in (0.5, 2.0):
         out[f"hrl{alpha}"] = base / f"hrl{alpha}"
-        assert main(["train", "--recipe", "fashion_mnist_hrl", "--init", str(out["sp"]), "--epochs", "1",
+        assert main(["train", "--recipe", "fashion_mnist_hrl_reinforce", "--init", str(out["sp"]), "--epochs", "1",
                      "--alpha", str(alpha), "--set", "train.target_macs=none", *common,
                      "--run-dir", str(out[f"hrl{alpha}"])]) == 0
     return out

@@ -79,6 +79,8 @@ def test_sp_run_writes_a_complete_run_folder(sp_run):
 @pytest.mark.parametrize("stage,extra", [
     ("sp", {}),
     ("baseline", {}),
+    ("hrl", {"target_macs": 0.5, "gate_gradient": "straight_through", "gate_optimizer": "adam", "gate_lr": 0.01,
+             "threshold_gain": 0.5}),
     ("hrl", {"target_macs": 0.5, "baseline": "ema", "gate_optimizer": "adam", "gate_lr": 0.01, "cost": "macs",
              "freeze_bn": True, "rl_reduction": "mean", "rl_weight": 1.0}),
 ])
@@ -92,8 +94,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, sp_run, stage, extra):
     train(cfg, tmp_path / "split", data=DATA, progress=False, resume=True)
     _assert_same_weights(tmp_path / "straight", tmp_path / "split")
     if stage == "hrl":
-        a, b = (load_checkpoint(tmp_path / r)["controller"] for r in ("straight", "split"))
-        assert a["alpha"] == pytest.approx(b["alpha"])
+        a, b = (load_checkpoint(tmp_path / r) for r in ("straight", "split"))
+        assert a["controller"] == pytest.approx(b["controller"]) and a["threshold"] == pytest.approx(b["threshold"])
     steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == [1, 2, 3, 4, 5, 6]  # no duplicated lines after the resume
@@ -106,6 +108,25 @@ def test_hrl_controller_lowers_compute_towards_the_target(tmp_path, sp_run):
     lines = [json.loads(x) for x in (tmp_path / "hrl" / "metrics.jsonl").read_text().splitlines()]
     fractions = [r["mac_fraction"] for r in lines if "mac_fraction" in r]
     assert fractions[-1] < fractions[0]
+
+
+def test_threshold_controller_brings_greedy_compute_to_the_target(tmp_path, sp_run):
+    cfg = _config("hrl", epochs=8, init=str(sp_run), target_macs=0.5, target_ramp=0.25, threshold_gain=0.5,
+                  gate_lr=0.01, gate_optimizer="adam", gate_gradient="straight_through", freeze_bn=True)
+    train(cfg, tmp_path / "st", data=DATA, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "st" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "mac_fraction" in r]
+    # the training decisions are the inference decisions, so the controller measures what inference spends
+    assert [r["mac_fraction"] for r in steps] == pytest.approx([r["greedy_mac_fraction"] for r in steps])
+    assert steps[0]["greedy_mac_fraction"] > 0.9
+    assert [r["target_mac_fraction"] for r in steps][8:] == pytest.approx([0.5] * (len(steps) - 8))
+    assert sum(r["greedy_mac_fraction"] for r in steps[-8:]) / 8 == pytest.approx(0.5, abs=0.15)
+    # the controller, not the optimiser, moved the gates' output bias
+    before, after = load_checkpoint(sp_run)["model"], load_checkpoint(tmp_path / "st")["model"]
+    offset = load_checkpoint(tmp_path / "st")["threshold"]["offset"]
+    torch.testing.assert_close(after["gates.fc.bias"] - before["gates.fc.bias"], torch.tensor([offset]))
+    final = json.loads((tmp_path / "st" / "final.json").read_text())
+    assert final["mac_reduction"] > 20
 
 
 def test_existing_run_folder_is_never_overwritten(tmp_path):
@@ -193,7 +214,7 @@ def test_overrides_are_typed_and_checked():
         load_config(None, ["lr=0.1"])
     with pytest.raises(ValueError, match="unknown recipe"):
         load_config("no_such_recipe")
-    cfg = load_config("fashion_mnist_hrl", ["train.milestones=[1,2]", "train.target_macs=none"])
+    cfg = load_config("fashion_mnist_hrl_reinforce", ["train.milestones=[1,2]", "train.target_macs=none"])
     assert cfg.train.milestones == (1.0, 2.0) and cfg.train.target_macs is None
 
 

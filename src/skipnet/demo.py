@@ -1,4 +1,4 @@
-"""The main job: SP then HRL on Fashion-MNIST, evaluation, measured speed-up, report.
+"""The main job: SP then the compute-target stage on Fashion-MNIST, evaluation, measured speed-up, report.
 
 Budget: under 10 minutes on 2 CPU cores, everything included.
 """
@@ -43,7 +43,10 @@ def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_
     hrl_over += [f"train.epochs={hrl_epochs}"] if hrl_epochs else []
     hrl_over += [f"train.target_macs={target_macs}"] if target_macs else []
     hrl = load_config("fashion_mnist_hrl", hrl_over)
-    echo(f"stage 2/2 -- HRL: {hrl.train.epochs:g} epochs, target {hrl.train.target_macs} of the plain MACs")
+    how = ("straight-through gates, threshold controller" if hrl.train.gate_gradient == "straight_through"
+           else "sampled gates, REINFORCE")
+    echo(f"stage 2/2 -- HRL stage ({how}): {hrl.train.epochs:g} epochs, target {hrl.train.target_macs} of the "
+         "plain MACs")
     train(hrl, out / "hrl", data=data, progress=progress)
 
     model = load_model(out / "hrl")

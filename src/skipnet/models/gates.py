@@ -64,6 +64,11 @@ class GateBank(nn.Module):
         """The layers gate ``index`` applies, in order (for compute accounting)."""
         raise NotImplementedError
 
+    def output_biases(self) -> list[nn.Parameter]:  # pragma: no cover
+        """The bias of every layer that produces a logit: adding d to all of them moves every gate's decision
+        threshold by -d (what a compute controller steers)."""
+        raise NotImplementedError
+
     def host_stepper(self, x: Tensor, temperature: float = 1.0, tau: float | None = None) -> HostGateStepper | None:
         """A :class:`HostGateStepper` for one inference pass (no autograd) over the CPU batch ``x``
         (B, C, H, W), deciding greedily at ``tau`` if given, or ``None`` where this gate design has none
@@ -106,6 +111,9 @@ class FFGateBank(GateBank):
     def layers(self, index: int) -> list[nn.Module]:
         return [self.gates[index].features, self.gates[index].fc]
 
+    def output_biases(self) -> list[nn.Parameter]:
+        return [g.fc.bias for g in self.gates]
+
 
 class RNNGateBank(GateBank):
     """RNNGate: per block GAP + linear C -> embed; one LSTM cell shared by all gates; shared linear -> logit.
@@ -132,6 +140,9 @@ class RNNGateBank(GateBank):
 
     def layers(self, index: int) -> list[nn.Module]:
         return [self.proj[index], self.rnn, self.fc]
+
+    def output_biases(self) -> list[nn.Parameter]:
+        return [self.fc.bias]
 
     def host_stepper(self, x: Tensor, temperature: float = 1.0, tau: float | None = None) -> HostGateStepper | None:
         if x.device.type != "cpu" or x.dtype != self.rnn.weight_ih.dtype:

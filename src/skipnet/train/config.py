@@ -75,6 +75,8 @@ class TrainSection:
     temperature: float = 1.0  # gate logits divided by this during HRL sampling (ImageNet: 0.05 sharpens; > 1
     # explores: the greedy decisions at tau 0.5 do not depend on it)
     freeze_bn: bool = False  # keep BatchNorm statistics fixed during HRL
+    gate_gradient: str = "reinforce"  # reinforce (paper: sampled gates, REINFORCE) | straight_through (hard
+    # gates and cross-entropy as in SP, while a controller moves all gates' threshold to meet target_macs)
     cost: str = "uniform"  # C_j: uniform (paper: every block costs 1) | macs (relative block MACs, mean 1)
     baseline: str = "none"  # none (paper) | ema (per-gate moving average of the returns)
     skip_cap: float | None = None  # most skip reward per image, as a fraction of the gated blocks' cost
@@ -85,6 +87,8 @@ class TrainSection:
     alpha_lr: float = 0.05  # controller step: alpha += alpha_lr * (measured fraction - target) per step
     alpha_max: float = 10.0
     cost_ema: float = 0.9  # smoothing of the measured cost fed to the controller
+    target_ramp: float = 0.5  # straight_through: share of the stage over which the target falls to target_macs
+    threshold_gain: float = 0.2  # straight_through: share of the needed threshold shift taken per step
     # --- evaluation and mechanics ---
     tau: float = 0.5  # greedy threshold for evaluation
     seed: int = 0
@@ -104,6 +108,12 @@ class TrainSection:
             raise ValueError(f"rl_reduction must be 'sum' or 'mean'; got {self.rl_reduction!r}")
         if self.cost not in ("uniform", "macs"):
             raise ValueError(f"cost must be 'uniform' or 'macs'; got {self.cost!r}")
+        if self.gate_gradient not in ("reinforce", "straight_through"):
+            raise ValueError(f"gate_gradient must be 'reinforce' or 'straight_through'; got {self.gate_gradient!r}")
+        if self.gate_gradient == "straight_through" and self.target_macs is None:
+            raise ValueError("gate_gradient 'straight_through' steers the compute to target_macs: set it")
+        if not 0.0 <= self.target_ramp <= 1.0:
+            raise ValueError(f"target_ramp is a share of the stage in [0, 1]; got {self.target_ramp}")
         if self.baseline not in ("none", "ema"):
             raise ValueError(f"baseline must be 'none' or 'ema'; got {self.baseline!r}")
         if self.gate_optimizer not in ("sgd", "adam"):

@@ -29,7 +29,7 @@ from ..models import SkipResNet, create_model
 from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint, load_state, save_checkpoint
 from .config import RunConfig, write_config
 from .evaluate import evaluate
-from .hrl import AlphaController, GateBaseline
+from .hrl import AlphaController, GateBaseline, ThresholdController
 from .losses import hrl_loss, sp_loss
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,17 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     return backbone, gates
 
 
+def controlled_threshold(cfg) -> bool:
+    return cfg.stage == "hrl" and cfg.gate_gradient == "straight_through"
+
+
 def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
-    """SGD (momentum, weight decay on all parameters); the gates may get their own lr or Adam."""
+    """SGD (momentum, weight decay on all parameters); the gates may get their own lr or Adam. Under a
+    threshold controller the gates' output biases belong to the controller, not to an optimiser."""
     backbone, gates = split_params(model)
+    if controlled_threshold(cfg):
+        held = {id(b) for b in model.gates.output_biases()}
+        gates = [p for p in gates if id(p) not in held]
     sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     groups = [{"params": backbone, "lr": cfg.lr, "role": "backbone"}]
     if gates and cfg.gate_optimizer == "adam":
@@ -127,6 +135,7 @@ class StageState:
     """Everything besides the model and the optimisers that the loop carries from step to step."""
 
     controller: AlphaController | None = None
+    threshold: ThresholdController | None = None
     baseline: GateBaseline | None = None
     costs: torch.Tensor | None = None
     dense_macs: float = 1.0
@@ -137,7 +146,10 @@ class StageState:
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, state: StageState,
                generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward + loss. Returns the loss to backpropagate and detached statistics."""
-    if cfg.stage == "hrl":
+    if cfg.stage == "hrl" and cfg.gate_gradient == "straight_through":
+        out = model(x, "straight_through")  # the decisions greedy inference takes; the threshold does the rest
+        total = sp_loss(out.logits, y)
+    elif cfg.stage == "hrl":
         out = model(x, "sample", temperature=cfg.temperature, generator=generator)
         loss = hrl_loss(out.logits, y, out.log_probs, out.decisions, alpha=state.controller.alpha, beta=cfg.beta,
                         rl_weight=cfg.rl_weight, reduction=cfg.rl_reduction, costs=state.costs,
@@ -159,6 +171,9 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, state: S
         # so that an exploration temperature does not distort the compute target.
         greedy = (out.probs.detach() >= 0.5).to(out.macs.dtype)
         stats["greedy_macs"] = (state.table.per_image(greedy).mean() / state.dense_macs).detach()
+    if cfg.stage == "hrl" and cfg.gate_gradient == "straight_through":
+        # for the threshold controller (float32 probabilities saturate beyond |logit| ~ 17: far from any threshold)
+        stats["logits"] = torch.logit(out.probs.detach().double()).clamp(-30.0, 30.0)
     return total, stats
 
 
@@ -336,7 +351,11 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     table = model.mac_table(info["image_size"])
     state = StageState(dense_macs=float(table.plain), table=table)
-    if cfg.stage == "hrl":
+    if controlled_threshold(cfg):
+        saved_and_base = (torch.tensor([f - s for f, s in zip(table.block_full, table.block_skip)]) / table.plain,
+                          float(table.per_image(torch.zeros(1, table.num_gates))[0]) / table.plain)
+        state.threshold = ThresholdController(cfg.target_macs, round(cfg.target_ramp * total_steps), cfg.threshold_gain)
+    elif cfg.stage == "hrl":
         state.controller = AlphaController(cfg.alpha, cfg.target_macs, cfg.alpha_lr, cfg.alpha_max, cfg.cost_ema)
         state.baseline = GateBaseline(cfg.baseline_momentum) if cfg.baseline == "ema" else None
         state.costs = block_costs(table, cfg.cost).to(device)
@@ -349,6 +368,8 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
         step = int(payload["step"])
         if state.controller is not None:
             state.controller.load_state_dict(payload["controller"])
+        if state.threshold is not None:
+            state.threshold.load_state_dict(payload["threshold"])
         if state.baseline is not None:
             state.baseline.load_state_dict(payload["baseline"], device)
         torch.set_rng_state(payload["rng_cpu"])
@@ -368,6 +389,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
             "model_config": model.config.to_dict(), "run_config": config.to_dict(), "model": model.state_dict(),
             "optimizers": [o.state_dict() for o in optimizers], "step": step, "finished": finished,
             "controller": None if state.controller is None else state.controller.state_dict(),
+            "threshold": None if state.threshold is None else state.threshold.state_dict(),
             "baseline": None if state.baseline is None else state.baseline.state_dict(),
             "rng_cpu": torch.get_rng_state(),
         })
@@ -400,6 +422,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
                     gen = step_generator(device, cfg.seed, step, rank) if cfg.stage == "hrl" else None
                     with autocast(device, cfg.amp):
                         loss, stats = train_step(net, x, y, cfg, state, gen)
+                    gate_logits = stats.pop("logits", None)
                     if not torch.isfinite(stats["loss"]):
                         raise NonFiniteLossError(
                             f"non-finite loss ({stats['loss'].item()}) at step {step}; stopped. The last good "
@@ -418,6 +441,15 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
                             _all_mean(state.baseline.value)
                     if state.controller is not None:
                         state.controller.update(float(stats["greedy_macs"]))
+                    if state.threshold is not None:
+                        shift = state.threshold.update(float(stats["greedy_macs"]), gate_logits, *saved_and_base)
+                        if world > 1:  # each rank saw its own slice: all take the mean shift
+                            shift_t = torch.tensor(shift, dtype=torch.float64, device=device)
+                            _all_mean(shift_t)
+                            shift = float(shift_t)
+                        with torch.no_grad():
+                            for bias in model.gates.output_biases():
+                                bias.add_(shift)
                     for k, v in stats.items():
                         window[k] = window.get(k, 0.0) + float(v)
                     window["n"] = window.get("n", 0) + 1
@@ -436,6 +468,10 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
                                "images_per_s": window_images * world / max(elapsed, 1e-9)}
                         if state.controller is not None:
                             rec["alpha"] = state.controller.alpha
+                        if state.threshold is not None:
+                            rec["target_mac_fraction"] = state.threshold.target_now()
+                            rec["threshold_offset"] = state.threshold.offset
+                        if "greedy_macs" in window:
                             rec["greedy_mac_fraction"] = window["greedy_macs"] / window["n"]
                         emit(rec)
                         window, window_images, window_start = {}, 0, time.perf_counter()
