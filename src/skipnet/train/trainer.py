@@ -446,6 +446,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
                         if world > 1:  # each rank saw its own slice: all take the mean shift
                             shift_t = torch.tensor(shift, dtype=torch.float64, device=device)
                             _all_mean(shift_t)
+                            state.threshold.offset += float(shift_t) - shift  # the offset is what was applied
                             shift = float(shift_t)
                         with torch.no_grad():
                             for bias in model.gates.output_biases():
