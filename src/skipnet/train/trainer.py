@@ -117,8 +117,13 @@ def block_costs(table: MacTable, kind: str) -> torch.Tensor:
     """C_j per gate: ones (the paper), or each block's saved MACs relative to the mean (mean 1)."""
     if kind == "uniform":
         return torch.ones(table.num_gates)
-    saved = torch.tensor([f - s for f, s in zip(table.block_full, table.block_skip)], dtype=torch.float64)
+    saved = block_savings(table)
     return (saved / saved.mean()).float()
+
+
+def block_savings(table: MacTable) -> torch.Tensor:
+    """MACs saved per image by skipping each gated block (N,): F_i - S_i."""
+    return torch.tensor([f - s for f, s in zip(table.block_full, table.block_skip)], dtype=torch.float64)
 
 
 def step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
@@ -146,7 +151,7 @@ class StageState:
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, state: StageState,
                generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward + loss. Returns the loss to backpropagate and detached statistics."""
-    if cfg.stage == "hrl" and cfg.gate_gradient == "straight_through":
+    if controlled_threshold(cfg):
         out = model(x, "straight_through")  # the decisions greedy inference takes; the threshold does the rest
         total = sp_loss(out.logits, y)
     elif cfg.stage == "hrl":
@@ -171,7 +176,7 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, state: S
         # so that an exploration temperature does not distort the compute target.
         greedy = (out.probs.detach() >= 0.5).to(out.macs.dtype)
         stats["greedy_macs"] = (state.table.per_image(greedy).mean() / state.dense_macs).detach()
-    if cfg.stage == "hrl" and cfg.gate_gradient == "straight_through":
+    if controlled_threshold(cfg):
         # for the threshold controller (float32 probabilities saturate beyond |logit| ~ 17: far from any threshold)
         stats["logits"] = torch.logit(out.probs.detach().double()).clamp(-30.0, 30.0)
     return total, stats
@@ -352,7 +357,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
     table = model.mac_table(info["image_size"])
     state = StageState(dense_macs=float(table.plain), table=table)
     if controlled_threshold(cfg):
-        saved_and_base = (torch.tensor([f - s for f, s in zip(table.block_full, table.block_skip)]) / table.plain,
+        saved_and_base = (block_savings(table) / table.plain,
                           float(table.per_image(torch.zeros(1, table.num_gates))[0]) / table.plain)
         state.threshold = ThresholdController(cfg.target_macs, round(cfg.target_ramp * total_steps), cfg.threshold_gain)
     elif cfg.stage == "hrl":
