@@ -5,7 +5,7 @@ loss, backward, SGD) on synthetic CIFAR-sized data. Configurations are interleav
 median images/s is reported, so a shared machine's noise hits all of them alike.
 
     python benchmarks/bench_training.py --depth 38            # issue: SP within 10% of plain ResNet-38
-    python benchmarks/bench_training.py --depth 110 --stages sp hrl
+    python benchmarks/bench_training.py --depth 110 --stages sp hrl hrl_target
 """
 
 from __future__ import annotations
@@ -21,19 +21,35 @@ import torch
 from skipnet.data import BatchLoader, ImageData
 from skipnet.models import create_model
 from skipnet.train.config import load_config
-from skipnet.train.hrl import AlphaController, GateBaseline
-from skipnet.train.trainer import StageState, autocast, block_costs, build_optimizers, train_step
+from skipnet.train.trainer import (
+    autocast,
+    build_optimizers,
+    freeze_batchnorm,
+    new_stage_state,
+    train_step,
+    update_controllers,
+)
+
+# The gated stages this compares with the plain network (train.* overrides on top of the defaults).
+HRL = ["train.stage=hrl", "train.cost=macs", "train.target_macs=0.6", "train.gate_optimizer=adam",
+       "train.gate_lr=0.001", "train.lr=0.0001"]
+STAGES = {
+    "sp": ["train.stage=sp"],
+    # hybrid REINFORCE with sampled gates and the alpha controller (the paper's gradient)
+    "hrl": HRL + ["train.baseline=ema", "train.rl_weight=1.0", "train.rl_reduction=mean"],
+    # the compute-target mode the short recipes use: straight-through gates and the threshold controller
+    "hrl_target": HRL + ["train.gate_gradient=straight_through", "train.freeze_bn=true"],
+}
 
 
 def make_runner(depth: int, stage: str, batch: int, device: torch.device, channels_last: bool, amp: str):
-    over = [f"train.stage={stage}", f"train.channels_last={channels_last}", f"train.amp={amp}"]
-    if stage == "hrl":
-        over += ["train.baseline=ema", "train.cost=macs", "train.target_macs=0.6", "train.gate_optimizer=adam",
-                 "train.gate_lr=0.001", "train.rl_weight=1.0", "train.rl_reduction=mean", "train.lr=0.0001"]
+    over = STAGES.get(stage, ["train.stage=baseline"]) + [f"train.channels_last={channels_last}", f"train.amp={amp}"]
     cfg = load_config(None, over).train
     model = create_model(f"cifar_resnet{depth}", gate="none" if stage == "baseline" else "rnn").to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.stage == "hrl" and cfg.freeze_bn:
+        freeze_batchnorm(model)  # as the trainer does
     g = torch.Generator().manual_seed(0)
     n = batch * 8
     data = ImageData(images=torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
@@ -41,12 +57,7 @@ def make_runner(depth: int, stage: str, batch: int, device: torch.device, channe
                      mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), name="synthetic")
     loader = BatchLoader(data, batch, train=True, device=device, channels_last=channels_last)
     optimizers = build_optimizers(model, cfg)
-    table = model.mac_table((32, 32))
-    state = StageState(dense_macs=float(table.plain), table=table)
-    if stage == "hrl":
-        state.controller = AlphaController(cfg.alpha, cfg.target_macs, cfg.alpha_lr, cfg.alpha_max, cfg.cost_ema)
-        state.baseline = GateBaseline(cfg.baseline_momentum)
-        state.costs = block_costs(table, cfg.cost).to(device)
+    state = new_stage_state(cfg, model.mac_table((32, 32)), 1000, device)
     batches = iter(())
     epoch = 0
 
@@ -57,16 +68,16 @@ def make_runner(depth: int, stage: str, batch: int, device: torch.device, channe
             batches, epoch = loader.epoch(epoch), epoch + 1
             x_y = next(batches)
         x, y = x_y
-        gen = torch.Generator(device=device).manual_seed(epoch) if stage == "hrl" else None
+        gen = torch.Generator(device=device).manual_seed(epoch) if cfg.stage == "hrl" else None
         with autocast(device, amp):
             loss, stats = train_step(model, x, y, cfg, state, gen)
+        gate_logits = stats.pop("logits", None)
         for o in optimizers:
             o.zero_grad(set_to_none=True)
         loss.backward()
         for o in optimizers:
             o.step()
-        if state.controller is not None:
-            state.controller.update(float(stats["macs"]))
+        update_controllers(model, state, stats, gate_logits)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -76,7 +87,8 @@ def make_runner(depth: int, stage: str, batch: int, device: torch.device, channe
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=38, help="CIFAR ResNet depth (6n+2)")
-    p.add_argument("--stages", nargs="+", default=["sp"], help="gated stages to compare with the plain network")
+    p.add_argument("--stages", nargs="+", default=["sp"], choices=sorted(STAGES),
+                   help="gated stages to compare with the plain network")
     p.add_argument("--batch", type=int, default=128, help="batch size")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--steps", type=int, default=4, help="timed steps per configuration and round")
@@ -112,7 +124,7 @@ def main() -> None:
         return
     print(f"training throughput, {env}")
     for r in rows:
-        label = "ResNet" if r["stage"] == "baseline" else f"SkipNet {r['stage'].upper()}"
+        label = "ResNet" if r["stage"] == "baseline" else f"SkipNet {r['stage']}"
         verdict = "" if r["stage"] == "baseline" else (
             "  (within 10%: PASS)" if r["ratio_vs_plain"] >= 0.9 else "  (within 10%: MISS)")
         print(f"  {label}-{a.depth:<4} {r['images_per_s']:8.1f} images/s  x{r['ratio_vs_plain']:.3f}{verdict}")

@@ -406,13 +406,14 @@ def test_host_stepped_gates_match_the_module_path(name, batch):
 
 def test_host_path_without_the_native_kernel(monkeypatch):
     from skipnet.models import gates
+    from skipnet.models import native as kernels
 
     torch.manual_seed(0)
     model = _nontrivial(create_model("cifar_resnet14")).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         native = model(x, "greedy", executor="compact")
-        monkeypatch.setattr(gates, "_native", [None])  # as if no C compiler were available
+        monkeypatch.setitem(kernels._loaded, "rnn_gate", None)  # as if no C compiler were available
         assert isinstance(model.gates.host_stepper(x), gates._RNNTorchStepper)
         fallback = model(x, "greedy", executor="compact")
     assert torch.equal(native.decisions, fallback.decisions)
@@ -579,3 +580,81 @@ def test_gated_merge_matches_autograd(channels_last):
     grad = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (r, s, g), grad), torch.autograd.grad(ref, (r, s, g), grad)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("gates_", ["mixed", "all_run", "none_run", "fractional", "no_gate_grad"])
+def test_native_gated_merge_matches_pytorch_ops(monkeypatch, channels_last, gates_):
+    """On the CPU in float32 the merge runs the C kernel; its output and gradients equal the PyTorch-op path's
+    (the same formulas; the gate's gradient sums in another order), for every kind of batch, including the
+    all-run shortcut where the output is F itself and both input gradients are one tensor."""
+    from skipnet.models import executors
+    from skipnet.models import native as kernels
+
+    if executors.merge_library() is None:
+        pytest.skip("no C compiler: the native merge is not reachable")
+    torch.manual_seed(0)
+    r0, s0 = torch.randn(6, 16, 7, 9), torch.randn(6, 16, 7, 9)
+    if channels_last:
+        r0, s0 = (t.contiguous(memory_format=torch.channels_last) for t in (r0, s0))
+    g0 = {"mixed": torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0]), "all_run": torch.ones(6),
+          "none_run": torch.zeros(6), "fractional": torch.rand(6)}.get(gates_, torch.tensor([1.0, 0, 0, 1, 1, 1]))
+    grad = torch.randn(6, 16, 7, 9)
+
+    def run():
+        r, s = r0.clone().requires_grad_(), s0.clone().requires_grad_()
+        g = g0.clone().requires_grad_(gates_ != "no_gate_grad")
+        out = executors.GatedMerge.apply(r, s, g)
+        (out * grad).sum().backward()
+        return out.detach(), r.grad, s.grad, g.grad
+
+    fast = run()
+    monkeypatch.setitem(kernels._loaded, "gated_merge", None)  # as if no C compiler were available
+    ref = run()
+    assert torch.equal(fast[0], ref[0]) if gates_ != "fractional" else torch.allclose(fast[0], ref[0], atol=1e-6)
+    torch.testing.assert_close(fast[1], ref[1], rtol=0, atol=0)
+    torch.testing.assert_close(fast[2], ref[2], rtol=0, atol=1e-6)
+    if gates_ == "no_gate_grad":
+        assert fast[3] is None and ref[3] is None
+    else:
+        torch.testing.assert_close(fast[3], ref[3], rtol=1e-5, atol=1e-4)
+    assert fast[0].stride() == r0.stride() and fast[1].stride() == r0.stride()
+
+
+def test_native_gated_merge_in_a_training_step_matches_pytorch_ops(monkeypatch):
+    """A whole straight-through training step of a SkipNet (channels_last, float32) gives the same gradients
+    with the C merge kernel as with PyTorch ops (and the gates' pooled gradient as with autograd's mean)."""
+    from skipnet.models import gates
+    from skipnet.models import native as kernels
+
+    torch.manual_seed(0)
+    model = _nontrivial(create_model("cifar_resnet20")).train().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+
+    with torch.no_grad():  # move the gates' logits so that some blocks run for only part of the batch
+        model.gates.fc.bias -= torch.logit(model(x, "straight_through").probs.double()).median().float()
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(x, "straight_through")
+        (torch.nn.functional.cross_entropy(out.logits, y) + out.probs.mean()).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None], out.decisions
+
+    fast, decisions = grads()
+    runs = decisions.mean(0)
+    assert (runs == 1).any() and ((0 < runs) & (runs < 1)).any()  # all-run and mixed blocks: every path
+    monkeypatch.setitem(kernels._loaded, "gated_merge", None)
+    monkeypatch.setattr(gates, "global_mean_pool", lambda t: t.mean((2, 3)))
+    ref, _ = grads()
+    assert len(fast) == len(ref)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gate_pool_gradient_is_the_mean_gradient():
+    from skipnet.models.gates import global_mean_pool
+
+    x = torch.randn(3, 4, 5, 6, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(global_mean_pool, (x,))
+    torch.testing.assert_close(global_mean_pool(x), x.mean((2, 3)))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._paths import cache_root
 from . import formats
 from .formats import DatasetNotFoundError
 
@@ -112,8 +113,7 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
 
 def default_cache_dir() -> Path:
     """``$SKIPNET_CACHE`` if set, else ``~/.cache/skipnet``."""
-    env = os.environ.get("SKIPNET_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "skipnet"
+    return cache_root()
 
 
 def dataset_info(name: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ exact: each image gets either ``F(x)`` or ``S(x)``).
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .blocks import ResidualBlock
+from .native import load_kernel
 
 EXECUTORS = ("masked", "compact")
 # Crossover: copying one image's activations costs about COPY_COST / C of running a basic block of width C on
@@ -44,7 +46,7 @@ def run_masked(block: ResidualBlock, x: Tensor, g: Tensor) -> Tensor:
     s = block.shortcut(x)
     r = block.residual(x)
     if type(block).merge is ResidualBlock.merge and torch.is_grad_enabled():
-        return GatedMerge.apply(r, s, g)  # fused backward: ~35% less extra memory traffic in training
+        return GatedMerge.apply(r, s, g)  # fused: one pass each way on the CPU (see GatedMerge)
     f = block.merge(r, s)
     return torch.lerp(s, f, g.view(-1, 1, 1, 1).to(f.dtype))
 
@@ -61,21 +63,41 @@ def _flat_rows(t: Tensor) -> Tensor:
 class GatedMerge(torch.autograd.Function):
     """``S + g * (relu(R + S) - S)`` for the default merge, with a hand-written backward.
 
-    Autograd's version of the same expression makes about eight passes over the activations in backward
-    (lerp's three outputs, the subtraction, the ReLU, the accumulation); this one makes five: the gate's
-    gradient sum_{chw} grad * (f - s) as one batched dot product, and the two input gradients from one
-    ReLU mask. Values and gradients equal autograd's (checked by gradcheck in the tests)."""
+    On the CPU in float32 both directions are one pass of a small C kernel (:data:`MERGE_SOURCE`, on
+    PyTorch's threads) over the activations: forward reads R and S and writes the output, as a plain block's
+    merge does; backward reads the incoming gradient, R and S (F = relu(R + S) is recomputed) -- or F, which
+    is the output, when every image ran -- and writes the two input gradients and the gate's gradient
+    sum_{chw} grad * (F - S). When every image of the batch runs the block (most batches in straight-through
+    training) the two input gradients are one tensor (exact), which leaves a gated block the memory traffic
+    of a plain one plus one read of S. Elsewhere (CUDA, float64, bf16, other
+    layouts, ``torch.compile``) PyTorch ops compute the same: five passes in backward, against autograd's
+    eight for the expression. Values and gradients equal autograd's (gradcheck and float32 comparisons in
+    the tests)."""
 
     @staticmethod
     def forward(ctx, r: Tensor, s: Tensor, g: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.g_dtype = g.dtype
+        lib = merge_library() if _native_rows(r, s) else None
+        ctx.native = lib is not None
+        if lib is not None:
+            g32 = g.detach().to(torch.float32).contiguous()
+            ctx.all_run = bool(g32.eq(1).all())  # a host read: the tensors are on the CPU
+            out = torch.empty_like(r)  # r's strides (dense): the rows the kernel assumes
+            batch = r.shape[0]
+            lib.skipnet_merge_forward(r.data_ptr(), s.data_ptr(), g32.data_ptr(), batch, r.numel() // batch,
+                                      out.data_ptr(), torch.get_num_threads())
+            # backward needs F: the output itself when every image ran, else recomputed from R (no extra write)
+            ctx.save_for_backward(out if ctx.all_run else r, s, g32)
+            return out
         f = torch.add(r, s).relu_()
         g4 = g.view(-1, 1, 1, 1).to(f.dtype)
         ctx.save_for_backward(f, s, g4)
-        ctx.g_dtype = g.dtype
         return torch.lerp(s, f, g4)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
+        if ctx.native:
+            return _merge_backward_native(ctx, grad)
         f, s, g4 = ctx.saved_tensors
         grad_r = torch.ops.aten.threshold_backward(grad * g4, f, 0)  # d/dR: g * 1[f > 0] * grad
         grad_s = torch.addcmul(grad_r, grad, 1 - g4)  # d/dS: (1 - g) * grad + d/dR
@@ -88,6 +110,120 @@ class GatedMerge(torch.autograd.Function):
                 grad_g = (grad * diff).sum((1, 2, 3))
             grad_g = grad_g.to(ctx.g_dtype)
         return grad_r, grad_s, grad_g
+
+
+def _merge_backward_native(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    f, s, g32 = ctx.saved_tensors  # f: F, or R when not every image ran
+    if grad.dtype != f.dtype or grad.stride() != f.stride():
+        grad = torch.empty_like(f).copy_(grad)
+    batch = f.shape[0]
+    grad_r = torch.empty_like(f)
+    grad_s = None if ctx.all_run else torch.empty_like(f)
+    grad_g = torch.empty(batch, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+    merge_library().skipnet_merge_backward(
+        grad.data_ptr(), f.data_ptr(), s.data_ptr(), g32.data_ptr(), batch, f.numel() // batch, not ctx.all_run,
+        grad_r.data_ptr(),
+        None if grad_s is None else grad_s.data_ptr(), None if grad_g is None else grad_g.data_ptr(),
+        torch.get_num_threads())
+    return grad_r, grad_r if grad_s is None else grad_s, None if grad_g is None else grad_g.to(ctx.g_dtype)
+
+
+def _native_rows(r: Tensor, s: Tensor) -> bool:
+    """Whether the merge kernel can take ``r`` and ``s``: float32 CPU tensors of one shape and the same dense
+    strides (contiguous or channels_last), so that image b is values [b K, (b+1) K) of each; not while
+    tracing (``torch.compile`` gets the PyTorch ops)."""
+    return (r.device.type == "cpu" and r.dtype == torch.float32 and s.dtype == torch.float32
+            and s.device.type == "cpu" and r.dim() == 4 and r.shape == s.shape and r.stride() == s.stride()
+            and r.numel() > 0 and (r.is_contiguous() or r.is_contiguous(memory_format=torch.channels_last))
+            and not torch.compiler.is_compiling())
+
+
+def merge_library() -> ctypes.CDLL | None:
+    """The gated-merge kernels, or ``None`` (then PyTorch ops are used); see :mod:`.native`."""
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    return load_kernel("gated_merge", MERGE_SOURCE, {
+        "skipnet_merge_forward": ([p, p, p, i, i, p, ctypes.c_int], None),
+        "skipnet_merge_backward": ([p, p, p, p, i, i, ctypes.c_int, p, p, p, ctypes.c_int], None),
+    }, openmp=True)
+
+
+MERGE_SOURCE = r"""
+#include <stdint.h>
+#include <stddef.h>
+
+/* The gated merge of B images of K values each (image b is values [b K, (b+1) K) of every array: contiguous
+   or channels_last tensors of the same strides), image b weighted by g[b]:
+   out = lerp(s, relu(r + s), g) -- torch.lerp's formula, exact for g in {0, 1}. */
+void skipnet_merge_forward(const float *r, const float *s, const float *g, int64_t B, int64_t K, float *out,
+                           int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        const float w = g[b], u = 1.0f - w;
+        const float *rb = r + b * K, *sb = s + b * K;
+        float *ob = out + b * K;
+        if (w == 1.0f) {
+            for (int64_t k = 0; k < K; k++) {
+                const float v = rb[k] + sb[k];
+                ob[k] = v > 0.0f ? v : 0.0f;
+            }
+        } else if (w == 0.0f) {
+            for (int64_t k = 0; k < K; k++) ob[k] = sb[k];
+        } else {
+            for (int64_t k = 0; k < K; k++) {
+                float v = rb[k] + sb[k];
+                v = v > 0.0f ? v : 0.0f;
+                ob[k] = w < 0.5f ? sb[k] + w * (v - sb[k]) : v - (v - sb[k]) * u;
+            }
+        }
+    }
+}
+
+/* Its backward from the incoming gradient d, given f = relu(r + s) -- or r itself when from_r, then f is
+   recomputed: grad_r = g 1[f > 0] d, grad_s = grad_r + (1 - g) d (not written when grad_s is null: every g
+   is 1, so it equals grad_r) and, when grad_g is given, grad_g[b] = sum_k d (f - s) -- 16 partial sums per
+   image, so the loop vectorises. One pass over d, f (or r) and s. */
+void skipnet_merge_backward(const float *d, const float *f, const float *s, const float *g, int64_t B,
+                            int64_t K, int from_r, float *grad_r, float *grad_s, float *grad_g, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        const float w = g[b], u = 1.0f - w;
+        const float *db = d + b * K, *fb = f + b * K, *sb = s + b * K;
+        float *rb = grad_r + b * K, *qb = grad_s ? grad_s + b * K : NULL;
+        float acc[16] = {0};
+        const int64_t K16 = grad_g ? K - K % 16 : 0;
+        for (int64_t k = 0; k < K16; k += 16)
+            for (int l = 0; l < 16; l++) {
+                const float dv = db[k + l], sv = sb[k + l];
+                float fv = fb[k + l];
+                if (from_r) {
+                    fv += sv;
+                    fv = fv > 0.0f ? fv : 0.0f;
+                }
+                acc[l] += dv * (fv - sv);
+                const float rv = fv > 0.0f ? w * dv : 0.0f;
+                rb[k + l] = rv;
+                if (qb) qb[k + l] = rv + u * dv;
+            }
+        for (int64_t k = K16; k < K; k++) {
+            const float dv = db[k], sv = sb[k];
+            float fv = fb[k];
+            if (from_r) {
+                fv += sv;
+                fv = fv > 0.0f ? fv : 0.0f;
+            }
+            if (grad_g) acc[0] += dv * (fv - sv);
+            const float rv = fv > 0.0f ? w * dv : 0.0f;
+            rb[k] = rv;
+            if (qb) qb[k] = rv + u * dv;
+        }
+        if (grad_g) {
+            float t = 0.0f;
+            for (int l = 0; l < 16; l++) t += acc[l];
+            grad_g[b] = t;
+        }
+    }
+}
+"""
 
 
 def _format(x: Tensor) -> torch.memory_format:

@@ -12,7 +12,7 @@ For inference on the CPU a gate bank may also offer a :class:`HostGateStepper` (
 gates, run step by step with their decisions made on the host, which the network's inference loop uses.
 The RNN gate's tensors are tiny -- at batch 1 a gate is ~15 PyTorch calls of a few microseconds each (~55 us
 in all) next to a ~200 us block -- so its stepper runs each gate as one call into a small C kernel
-(:func:`native_gate_library`: compiled once with the system C compiler and cached; it pools only the images
+(:func:`native_gate_library`, built by :mod:`.native`: compiled once and cached; it pools only the images
 whose input changed and reads the parameters in place). PyTorch ops stand in where no compiler is
 available, for float64, and for batches above 32 when PyTorch runs on several threads. The bank keeps one
 cache, of its parameters' addresses (``_native_cache``), rebuilt whenever they move; no per-call state.
@@ -20,17 +20,7 @@ cache, of its parameters' addresses (``_native_cache``), rebuilt whenever they m
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-logger = logging.getLogger(__name__)
+from .native import load_kernel
 
 GATE_TYPES = ("rnn", "ffgate1", "ffgate2")
 
@@ -76,6 +66,29 @@ class GateBank(nn.Module):
         return None
 
 
+class _GlobalMeanPool(torch.autograd.Function):
+    """``x.mean((2, 3))`` whose backward returns the gradient broadcast over H and W (a stride-0 view)
+    instead of autograd's materialised (B, C, H, W) division: a gate's input also feeds its block, and
+    autograd adds the view into that gradient in the pass it makes anyway."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.shape = x.shape
+        return x.mean((2, 3))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        b, c, h, w = ctx.shape
+        return (grad / (h * w)).view(b, c, 1, 1).expand(b, c, h, w)
+
+
+def global_mean_pool(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, C): the gates' global average pool."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GlobalMeanPool.apply(x)
+    return x.mean((2, 3))
+
+
 class _FFGate(nn.Module):
     """One feed-forward gate: conv layers, global average pool, linear C -> 1 logit."""
 
@@ -91,7 +104,7 @@ class _FFGate(nn.Module):
         self.fc = nn.Linear(channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.features(x).mean((2, 3))  # (B, C)
+        z = global_mean_pool(self.features(x))  # (B, C)
         return self.fc(z).squeeze(1)  # (B,)
 
 
@@ -134,7 +147,7 @@ class RNNGateBank(GateBank):
         return h, h
 
     def forward(self, x: Tensor, index: int, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Any]:
-        e = self.proj[index](x.mean((2, 3)))  # (B, embed)
+        e = self.proj[index](global_mean_pool(x))  # (B, embed)
         h, c = self.rnn(e, state)  # (B, hidden) each
         return self.fc(h).squeeze(1), (h, c)  # logits (B,)
 
@@ -520,56 +533,12 @@ class _GateCtx(ctypes.Structure):
 _NATIVE_ERRORS = {-1: "gates must run in order", -2: "wrong number of channels", -3: "bad image indices"}
 
 
-_native: list = []  # [library or None], once per process
-
-
 def native_gate_library() -> ctypes.CDLL | None:
-    """The C kernel of the RNN gate's inference stepper, or ``None`` (then PyTorch ops are used).
-
-    Compiled on first use with the system C compiler (``$CC`` or ``cc``; ``-O3 -fno-trapping-math``, no
-    ``-march``, so the file suits any machine of the architecture) into ``$SKIPNET_CACHE_DIR`` (default
-    ``$XDG_CACHE_HOME/skipnet`` or ``~/.cache/skipnet``), named by a hash of source, compiler, flags and
-    platform, and reused after that. ``SKIPNET_NATIVE_GATES=0`` turns it off."""
-    if not _native:
-        lib = None
-        if os.environ.get("SKIPNET_NATIVE_GATES", "1") != "0":
-            try:
-                lib = _load_native()
-            except Exception as err:  # no compiler, read-only cache, ...: fall back to PyTorch ops
-                logger.info("native RNN-gate kernel unavailable (%s); using PyTorch ops", err)
-        _native.append(lib)
-    return _native[0]
-
-
-def _load_native() -> ctypes.CDLL:
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        raise OSError(f"no C compiler {cc!r} on PATH")
-    flags = ["-O3", "-fno-trapping-math", "-std=c99", "-shared", "-fPIC"]  # same results; lets the loops vectorise
-    key = hashlib.sha256("\0".join([_NATIVE_SOURCE, cc, *flags, platform.machine(), platform.system()]).encode())
-    if os.environ.get("SKIPNET_CACHE_DIR"):
-        cache = Path(os.environ["SKIPNET_CACHE_DIR"])
-    else:
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "skipnet"
-    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = cache / f"rnn_gate_{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src, out = Path(tmp) / "rnn_gate.c", Path(tmp) / "rnn_gate.so"
-            src.write_text(_NATIVE_SOURCE)
-            subprocess.run([cc, *flags, "-o", str(out), str(src), "-lm"], check=True, capture_output=True, timeout=120)
-            os.replace(out, target)  # atomic: concurrent builders leave one complete file
-        for old in cache.glob("rnn_gate_*.so"):  # other versions' builds, unless maybe just built
-            with contextlib.suppress(OSError):
-                if old != target and time.time() - old.stat().st_mtime > 3600:
-                    old.unlink()  # a process that loaded it keeps its mapping
-    lib = ctypes.CDLL(str(target))
-    lib.skipnet_gate_step.argtypes = [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_int, ctypes.c_void_p,
-    ]
-    lib.skipnet_gate_step.restype = ctypes.c_int64
-    return lib
+    """The C kernel of the RNN gate's inference stepper, or ``None`` (then PyTorch ops are used): built on
+    first use by :func:`.native.load_kernel` (``SKIPNET_NATIVE=0`` turns it off)."""
+    return load_kernel("rnn_gate", _NATIVE_SOURCE, {"skipnet_gate_step": (
+        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+         ctypes.c_int, ctypes.c_void_p], ctypes.c_int64)})
 
 
 def build_gates(kind: str, channels: list[int], embed_dim: int = 10, hidden_dim: int = 10) -> GateBank:

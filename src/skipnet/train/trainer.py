@@ -145,7 +145,47 @@ class StageState:
     costs: torch.Tensor | None = None
     dense_macs: float = 1.0
     table: MacTable | None = None
+    savings: tuple[torch.Tensor, float] | None = None  # threshold controller: saved MACs per block, base cost
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def new_stage_state(cfg, table: MacTable, total_steps: int, device: torch.device) -> StageState:
+    """The controllers, baseline and costs the stage ``cfg`` needs, fresh."""
+    state = StageState(dense_macs=float(table.plain), table=table)
+    if controlled_threshold(cfg):
+        state.savings = (block_savings(table) / table.plain,
+                         float(table.per_image(torch.zeros(1, table.num_gates))[0]) / table.plain)
+        state.threshold = ThresholdController(cfg.target_macs, round(cfg.target_ramp * total_steps), cfg.threshold_gain)
+    elif cfg.stage == "hrl":
+        state.controller = AlphaController(cfg.alpha, cfg.target_macs, cfg.alpha_lr, cfg.alpha_max, cfg.cost_ema)
+        state.baseline = GateBaseline(cfg.baseline_momentum) if cfg.baseline == "ema" else None
+        state.costs = block_costs(table, cfg.cost).to(device)
+    return state
+
+
+def update_controllers(model: nn.Module, state: StageState, stats: dict[str, torch.Tensor],
+                       gate_logits: torch.Tensor | None, world: int = 1) -> None:
+    """After an optimiser step: the α controller sees the step's cost; the threshold controller moves the
+    gates' output biases. Under DDP every rank first takes the global mean cost (and baseline) and the mean
+    shift, so that all ranks stay identical."""
+    if world > 1:  # every rank's controller and baseline see the same global numbers
+        _all_mean(stats["macs"])
+        if "greedy_macs" in stats:
+            _all_mean(stats["greedy_macs"])
+        if state.baseline is not None and state.baseline.value is not None:
+            _all_mean(state.baseline.value)
+    if state.controller is not None:
+        state.controller.update(float(stats["greedy_macs"]))
+    if state.threshold is not None:
+        shift = state.threshold.update(float(stats["greedy_macs"]), gate_logits, *state.savings)
+        if world > 1:  # each rank saw its own slice: all take the mean shift
+            shift_t = torch.tensor(shift, dtype=torch.float64, device=stats["macs"].device)
+            _all_mean(shift_t)
+            state.threshold.offset += float(shift_t) - shift  # the offset is what was applied
+            shift = float(shift_t)
+        with torch.no_grad():
+            for bias in model.gates.output_biases():
+                bias.add_(shift)
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, state: StageState,
@@ -355,15 +395,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
                          "process: lower data.batch_size")
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     table = model.mac_table(info["image_size"])
-    state = StageState(dense_macs=float(table.plain), table=table)
-    if controlled_threshold(cfg):
-        saved_and_base = (block_savings(table) / table.plain,
-                          float(table.per_image(torch.zeros(1, table.num_gates))[0]) / table.plain)
-        state.threshold = ThresholdController(cfg.target_macs, round(cfg.target_ramp * total_steps), cfg.threshold_gain)
-    elif cfg.stage == "hrl":
-        state.controller = AlphaController(cfg.alpha, cfg.target_macs, cfg.alpha_lr, cfg.alpha_max, cfg.cost_ema)
-        state.baseline = GateBaseline(cfg.baseline_momentum) if cfg.baseline == "ema" else None
-        state.costs = block_costs(table, cfg.cost).to(device)
+    state = new_stage_state(cfg, table, total_steps, device)
     step = 0
     if resume:
         payload = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
@@ -438,24 +470,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
                     for opt in optimizers:
                         opt.step()
                     step += 1
-                    if world > 1:  # every rank's controller and baseline see the same global numbers
-                        _all_mean(stats["macs"])
-                        if "greedy_macs" in stats:
-                            _all_mean(stats["greedy_macs"])
-                        if state.baseline is not None and state.baseline.value is not None:
-                            _all_mean(state.baseline.value)
-                    if state.controller is not None:
-                        state.controller.update(float(stats["greedy_macs"]))
-                    if state.threshold is not None:
-                        shift = state.threshold.update(float(stats["greedy_macs"]), gate_logits, *saved_and_base)
-                        if world > 1:  # each rank saw its own slice: all take the mean shift
-                            shift_t = torch.tensor(shift, dtype=torch.float64, device=device)
-                            _all_mean(shift_t)
-                            state.threshold.offset += float(shift_t) - shift  # the offset is what was applied
-                            shift = float(shift_t)
-                        with torch.no_grad():
-                            for bias in model.gates.output_biases():
-                                bias.add_(shift)
+                    update_controllers(model, state, stats, gate_logits, world)
                     for k, v in stats.items():
                         window[k] = window.get(k, 0.0) + float(v)
                     window["n"] = window.get("n", 0) + 1
