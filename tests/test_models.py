@@ -658,3 +658,29 @@ def test_gate_pool_gradient_is_the_mean_gradient():
     x = torch.randn(3, 4, 5, 6, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(global_mean_pool, (x,))
     torch.testing.assert_close(global_mean_pool(x), x.mean((2, 3)))
+
+
+def test_drop_rate_skips_blocks_at_random_in_straight_through_training():
+    """Stochastic depth on the gated blocks: about drop_rate of the (image, block) pairs skip even with every
+    gate open, drawn from the generator (same seed, same skips); the gates still get gradients; other modes
+    refuse it."""
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20").train()
+    with torch.no_grad():
+        model.gates.fc.bias.fill_(5.0)  # every gate open (and still a gradient through the sigmoid)
+    x = torch.randn(64, 3, 32, 32)
+    assert model(x, "straight_through").decisions.mean() == 1.0
+
+    def run(seed):
+        return model(x, "straight_through", drop_rate=0.25, generator=torch.Generator().manual_seed(seed))
+
+    out = run(1)
+    assert abs(out.decisions.mean().item() - 0.75) < 0.05
+    assert torch.equal(out.decisions, run(1).decisions) and not torch.equal(out.decisions, run(2).decisions)
+    assert torch.equal(out.macs, model.mac_table((32, 32)).per_image(out.decisions))
+    out.logits.sum().backward()
+    assert model.gates.rnn.weight_ih.grad is not None and model.gates.rnn.weight_ih.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="drop_rate"):
+        model(x, "sample", drop_rate=0.25)
+    with pytest.raises(ValueError, match="drop_rate"):
+        model(x, "straight_through", drop_rate=1.0)

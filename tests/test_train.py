@@ -78,6 +78,7 @@ def test_sp_run_writes_a_complete_run_folder(sp_run):
 
 @pytest.mark.parametrize("stage,extra", [
     ("sp", {}),
+    ("sp", {"drop_rate": 0.3}),  # random skips: a function of (seed, step)
     ("baseline", {}),
     ("hrl", {"target_macs": 0.5, "gate_gradient": "straight_through", "gate_optimizer": "adam", "gate_lr": 0.01,
              "threshold_gain": 0.5}),
@@ -127,6 +128,21 @@ def test_threshold_controller_brings_greedy_compute_to_the_target(tmp_path, sp_r
     torch.testing.assert_close(after["gates.fc.bias"] - before["gates.fc.bias"], torch.tensor([offset]))
     final = json.loads((tmp_path / "st" / "final.json").read_text())
     assert final["mac_reduction"] > 20
+
+
+def test_gate_lr_zero_freezes_the_gates_but_not_the_controlled_threshold(tmp_path, sp_run):
+    cfg = _config("hrl", epochs=1, init=str(sp_run), target_macs=0.5, gate_lr=0.0, freeze_bn=True,
+                  gate_gradient="straight_through")
+    train(cfg, tmp_path / "frozen", data=DATA, progress=False)
+    before, after = load_checkpoint(sp_run)["model"], load_checkpoint(tmp_path / "frozen")["model"]
+    offset = load_checkpoint(tmp_path / "frozen")["threshold"]["offset"]
+    assert offset != 0
+    for name, value in before.items():
+        if name == "gates.fc.bias":
+            torch.testing.assert_close(after[name] - value, torch.tensor([offset]))
+        elif name.startswith("gates."):
+            assert torch.equal(after[name], value), name
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])  # the backbone trains
 
 
 def test_existing_run_folder_is_never_overwritten(tmp_path):
@@ -216,6 +232,10 @@ def test_overrides_are_typed_and_checked():
         load_config("no_such_recipe")
     cfg = load_config("fashion_mnist_hrl_reinforce", ["train.milestones=[1,2]", "train.target_macs=none"])
     assert cfg.train.milestones == (1.0, 2.0) and cfg.train.target_macs is None
+    with pytest.raises(ValueError, match="drop_rate applies to the sp stage only"):
+        load_config("fashion_mnist_hrl", ["train.drop_rate=0.1"])
+    with pytest.raises(ValueError, match="drop_rate is a probability"):
+        load_config(None, ["train.drop_rate=1"])
 
 
 # --- the CLI over real idx files ----------------------------------------------------------------------------

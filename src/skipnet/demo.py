@@ -35,7 +35,8 @@ def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_
 
     root = [f"data.root={data_root}"] if data_root else []
     sp = load_config("fashion_mnist_sp", root + ([f"train.epochs={sp_epochs}"] if sp_epochs else []))
-    echo(f"stage 1/2 -- SP: {sp.model.name} with {sp.model.gate} gates, {sp.train.epochs:g} epochs")
+    drop = f", random block skips {sp.train.drop_rate:g}" if sp.train.drop_rate else ""
+    echo(f"stage 1/2 -- SP: {sp.model.name} with {sp.model.gate} gates, {sp.train.epochs:g} epochs{drop}")
     sp_result = train(sp, out / "sp", data=data, progress=progress)
     echo(f"  SP: top-1 {sp_result['accuracy']:.2f}%, block fraction {sp_result['block_fraction']:.1f}%")
 
@@ -43,8 +44,10 @@ def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_
     hrl_over += [f"train.epochs={hrl_epochs}"] if hrl_epochs else []
     hrl_over += [f"train.target_macs={target_macs}"] if target_macs else []
     hrl = load_config("fashion_mnist_hrl", hrl_over)
-    how = ("straight-through gates, threshold controller" if hrl.train.gate_gradient == "straight_through"
-           else "sampled gates, REINFORCE")
+    if hrl.train.gate_gradient == "reinforce":
+        how = "sampled gates, REINFORCE"
+    else:
+        how = "threshold controller, " + ("gates frozen" if hrl.train.gate_lr == 0 else "straight-through gates")
     echo(f"stage 2/2 -- HRL stage ({how}): {hrl.train.epochs:g} epochs, target {hrl.train.target_macs} of the "
          "plain MACs")
     train(hrl, out / "hrl", data=data, progress=progress)
@@ -94,6 +97,8 @@ def format_summary(s: dict[str, Any]) -> list[str]:
         f"SkipNet test accuracy (greedy gates):   {s['skipnet_accuracy']:.2f}%",
         f"Same weights, every block executed:     {s['all_blocks_accuracy']:.2f}%  "
         f"(difference {s['skipnet_accuracy'] - s['all_blocks_accuracy']:+.2f} points)",
+        f"The SP network, before stage 2:        {s['sp_accuracy']:.2f}%  "
+        f"(difference {s['skipnet_accuracy'] - s['sp_accuracy']:+.2f} points)",
         f"Mean MACs per image (gates included):   {s['macs_per_image'] / 1e6:.2f}M of "
         f"{s['dense_macs_per_image'] / 1e6:.2f}M plain -> reduction {s['mac_reduction']:.1f}%",
         f"Authors' block fraction:                {s['block_fraction']:.1f}%",

@@ -207,6 +207,7 @@ class SkipResNet(nn.Module):
         decisions: Tensor | None = None,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        drop_rate: float = 0.0,
     ) -> SkipNetOutput:
         """Run the network on ``x`` (B, C, H, W).
 
@@ -214,6 +215,9 @@ class SkipResNet(nn.Module):
         in training and ``greedy`` in eval. ``decisions`` (B, N) or (N,) go with ``mode='fixed'``.
         ``executor``: ``masked`` or ``compact`` (eval only). ``tau``: the greedy threshold. ``temperature``
         divides the gate logits (HRL's policy sharpening). A plain network ignores mode and executor.
+        ``drop_rate`` (training, ``straight_through`` only): each image also skips each gated block with this
+        probability whatever its gate says (stochastic depth on the gated blocks, drawn from ``generator``),
+        so that the network learns to work without any one block; ``decisions`` then include those skips.
         """
         self.check_input(x)
         batch = x.shape[0]
@@ -235,6 +239,9 @@ class SkipResNet(nn.Module):
         fixed = self._check_fixed(decisions, batch, x.device) if mode == "fixed" else None
         if temperature <= 0:
             raise ValueError(f"temperature must be positive; got {temperature}")
+        if drop_rate and (mode != "straight_through" or not 0.0 < drop_rate < 1.0):
+            raise ValueError(f"drop_rate goes with mode 'straight_through' and lies in [0, 1); got {drop_rate} "
+                             f"with mode {mode!r}")
 
         if mode in _HOST_MODES and not self.training and not torch.is_grad_enabled() and _plain_eager(x):
             if mode == "greedy" and not 0.0 <= tau <= 1.0:
@@ -251,6 +258,9 @@ class SkipResNet(nn.Module):
             if temperature != 1.0:
                 logit = logit / temperature
             g, lp = decide(logit, mode, tau=tau, fixed=None if fixed is None else fixed[:, i], generator=generator)
+            if drop_rate:
+                keep = torch.rand(batch, generator=generator, device=g.device) >= drop_rate
+                g = g * keep.to(g.dtype)
             x = block(x) if mode == "all" else run(block, x, g)
             probs.append(torch.sigmoid(logit))
             gs.append(g)

@@ -67,6 +67,9 @@ class TrainSection:
     gamma: float = 0.1
     warmup_steps: int = 0  # first steps at warmup_lr (the paper's ResNet-110: 400 at 0.01)
     warmup_lr: float = 0.01
+    drop_rate: float = 0.0  # SP: each image skips each gated block with this probability (stochastic depth),
+    # so that the network works without any one block before a compute target asks it to skip some (the
+    # baseline stage, a plain network, ignores it)
     # --- HRL (SPEC §5) ---
     alpha: float = 0.1  # compute reward weight (the starting value when target_macs is set)
     beta: float = 1.0  # weight of the accuracy term in the returns
@@ -81,7 +84,7 @@ class TrainSection:
     baseline: str = "none"  # none (paper) | ema (per-gate moving average of the returns)
     skip_cap: float | None = None  # most skip reward per image, as a fraction of the gated blocks' cost
     baseline_momentum: float = 0.9
-    gate_lr: float | None = None  # separate learning rate for gate parameters (None: lr)
+    gate_lr: float | None = None  # separate learning rate for gate parameters (None: lr; 0: frozen)
     gate_optimizer: str = "sgd"  # sgd | adam, for the gate parameters
     target_macs: float | None = None  # greedy-inference MACs as a fraction of the plain network; alpha adapts
     alpha_lr: float = 0.05  # controller step: alpha += alpha_lr * (measured fraction - target) per step
@@ -122,6 +125,13 @@ class TrainSection:
             raise ValueError(f"target_macs is a fraction of the dense network's MACs in (0, 1]; got {self.target_macs}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive; got {self.temperature}")
+        if self.gate_lr is not None and self.gate_lr < 0:
+            raise ValueError(f"gate_lr must be >= 0 (0 freezes the gates); got {self.gate_lr}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate is a probability in [0, 1); got {self.drop_rate}")
+        if self.drop_rate and self.stage == "hrl":
+            raise ValueError("drop_rate applies to the sp stage only (the baseline, without gates, ignores it); "
+                             "got stage 'hrl'")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off; got {self.amp!r}")
 

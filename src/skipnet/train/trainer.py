@@ -82,9 +82,12 @@ def controlled_threshold(cfg) -> bool:
 
 
 def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
-    """SGD (momentum, weight decay on all parameters); the gates may get their own lr or Adam. Under a
-    threshold controller the gates' output biases belong to the controller, not to an optimiser."""
+    """SGD (momentum, weight decay on all parameters); the gates may get their own lr or Adam, or stay as they
+    are (``gate_lr`` 0). Under a threshold controller the gates' output biases belong to the controller, not
+    to an optimiser."""
     backbone, gates = split_params(model)
+    if cfg.gate_lr == 0:
+        gates = []
     if controlled_threshold(cfg):
         held = {id(b) for b in model.gates.output_biases()}
         gates = [p for p in gates if id(p) not in held]
@@ -203,7 +206,8 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, state: S
             state.baseline.update(loss.returns)
         total = loss.total
     else:
-        out = model(x, "straight_through") if cfg.stage == "sp" else model(x)
+        out = (model(x, "straight_through", drop_rate=cfg.drop_rate, generator=generator) if cfg.stage == "sp"
+               else model(x))
         total = sp_loss(out.logits, y)
     stats = {
         "loss": total.detach(),
@@ -456,7 +460,8 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
                     freeze_batchnorm(net)
                 for x, y in loader.epoch(epoch, start_step=in_epoch):
                     set_lrs(optimizers, lr_at(step, steps_per_epoch, cfg), cfg)
-                    gen = step_generator(device, cfg.seed, step, rank) if cfg.stage == "hrl" else None
+                    random_gates = cfg.stage == "hrl" or cfg.drop_rate > 0
+                    gen = step_generator(device, cfg.seed, step, rank) if random_gates else None
                     with autocast(device, cfg.amp):
                         loss, stats = train_step(net, x, y, cfg, state, gen)
                     gate_logits = stats.pop("logits", None)
