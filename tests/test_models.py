@@ -684,3 +684,38 @@ def test_drop_rate_skips_blocks_at_random_in_straight_through_training():
         model(x, "sample", drop_rate=0.25)
     with pytest.raises(ValueError, match="drop_rate"):
         model(x, "straight_through", drop_rate=1.0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_merge_pools_in_the_same_pass(channels_last):
+    """Inference merges in place (one C pass on the CPU) and hands the next gate the channel means it
+    computed on the way: the values of relu(R + S) exactly, the means to float rounding, NaN kept."""
+    from skipnet.models import executors
+
+    if executors.merge_library() is None:
+        pytest.skip("no C compiler: the native merge is not reachable")
+    block = create_model("cifar_resnet8").blocks[1].eval()
+    torch.manual_seed(0)
+    r, s = torch.randn(5, 16, 9, 7), torch.randn(5, 16, 9, 7)
+    r[2, 3, 4, 5] = float("nan")
+    if channels_last:
+        r, s = (t.contiguous(memory_format=torch.channels_last) for t in (r, s))
+    ref = torch.relu(r + s)
+    with torch.no_grad():
+        out, pooled = executors.merge_pool_into(block, r.clone(), s)
+        plain, none = executors.merge_pool_into(block, r.clone(), s, pool=False)
+    assert none is None
+    torch.testing.assert_close(plain, out, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    assert pooled.shape == (5, 16, 1, 1) and torch.isnan(pooled[2, 3]).all()
+    torch.testing.assert_close(pooled, ref.mean((2, 3), keepdim=True), rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_native_gated_merge_keeps_nan():
+    """A NaN activation must reach the loss (the trainer stops on a non-finite loss), as with torch.relu."""
+    from skipnet.models import executors
+
+    r, s = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    r[1, 0, 0, 0] = float("nan")
+    out = executors.GatedMerge.apply(r, s, torch.tensor([1.0, 1.0]))
+    assert torch.isnan(out[1, 0, 0, 0]) and torch.isfinite(out[0]).all()

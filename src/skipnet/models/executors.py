@@ -144,6 +144,7 @@ def merge_library() -> ctypes.CDLL | None:
     return load_kernel("gated_merge", MERGE_SOURCE, {
         "skipnet_merge_forward": ([p, p, p, i, i, p, ctypes.c_int], None),
         "skipnet_merge_backward": ([p, p, p, p, i, i, ctypes.c_int, p, p, p, ctypes.c_int], None),
+        "skipnet_add_relu_pool": ([p, p, i, i, i, ctypes.c_int, p, ctypes.c_int], None),
     }, openmp=True)
 
 
@@ -164,14 +165,14 @@ void skipnet_merge_forward(const float *r, const float *s, const float *g, int64
         if (w == 1.0f) {
             for (int64_t k = 0; k < K; k++) {
                 const float v = rb[k] + sb[k];
-                ob[k] = v > 0.0f ? v : 0.0f;
+                ob[k] = v < 0.0f ? 0.0f : v;  /* relu, NaN kept (as torch.relu) */
             }
         } else if (w == 0.0f) {
             for (int64_t k = 0; k < K; k++) ob[k] = sb[k];
         } else {
             for (int64_t k = 0; k < K; k++) {
                 float v = rb[k] + sb[k];
-                v = v > 0.0f ? v : 0.0f;
+                v = v < 0.0f ? 0.0f : v;
                 ob[k] = w < 0.5f ? sb[k] + w * (v - sb[k]) : v - (v - sb[k]) * u;
             }
         }
@@ -197,7 +198,7 @@ void skipnet_merge_backward(const float *d, const float *f, const float *s, cons
                 float fv = fb[k + l];
                 if (from_r) {
                     fv += sv;
-                    fv = fv > 0.0f ? fv : 0.0f;
+                    fv = fv < 0.0f ? 0.0f : fv;
                 }
                 acc[l] += dv * (fv - sv);
                 const float rv = fv > 0.0f ? w * dv : 0.0f;
@@ -209,7 +210,7 @@ void skipnet_merge_backward(const float *d, const float *f, const float *s, cons
             float fv = fb[k];
             if (from_r) {
                 fv += sv;
-                fv = fv > 0.0f ? fv : 0.0f;
+                fv = fv < 0.0f ? 0.0f : fv;
             }
             if (grad_g) acc[0] += dv * (fv - sv);
             const float rv = fv > 0.0f ? w * dv : 0.0f;
@@ -220,6 +221,59 @@ void skipnet_merge_backward(const float *d, const float *f, const float *s, cons
             float t = 0.0f;
             for (int l = 0; l < 16; l++) t += acc[l];
             grad_g[b] = t;
+        }
+    }
+}
+
+/* Inference merge in place, r = relu(r + s), for B images of C channels x HW positions (channels_last:
+   (HW, C) per image, else (C, HW)); with pooled, also each image's channel means of the result
+   (pooled[b C + c]), which the next gate would otherwise read the whole output again for. */
+void skipnet_add_relu_pool(float *r, const float *s, int64_t B, int64_t C, int64_t HW, int channels_last,
+                           float *pooled, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        float *rb = r + b * C * HW;
+        const float *sb = s + b * C * HW;
+        if (channels_last) {
+            float acc[C];
+            for (int64_t c = 0; c < C; c++) acc[c] = 0.0f;
+            for (int64_t j = 0; j < HW; j++) {
+                float *rj = rb + j * C;
+                const float *sj = sb + j * C;
+                for (int64_t c = 0; c < C; c++) {
+                    float v = rj[c] + sj[c];
+                    v = v < 0.0f ? 0.0f : v;
+                    rj[c] = v;
+                    acc[c] += v;
+                }
+            }
+            if (pooled)
+                for (int64_t c = 0; c < C; c++) pooled[b * C + c] = acc[c] / (float)HW;
+            continue;
+        }
+        for (int64_t c = 0; c < C; c++) {
+            float *rc = rb + c * HW;
+            const float *sc = sb + c * HW;
+            float acc[16] = {0};
+            const int64_t n16 = HW - HW % 16;
+            for (int64_t j = 0; j < n16; j += 16)
+                for (int l = 0; l < 16; l++) {
+                    float v = rc[j + l] + sc[j + l];
+                    v = v < 0.0f ? 0.0f : v;
+                    rc[j + l] = v;
+                    acc[l] += v;
+                }
+            for (int64_t j = n16; j < HW; j++) {
+                float v = rc[j] + sc[j];
+                v = v < 0.0f ? 0.0f : v;
+                rc[j] = v;
+                acc[0] += v;
+            }
+            if (pooled) {
+                float total = 0.0f;
+                for (int l = 0; l < 16; l++) total += acc[l];
+                pooled[b * C + c] = total / (float)HW;
+            }
         }
     }
 }
@@ -245,17 +299,38 @@ def _rows(x: Tensor, idx: Tensor) -> Tensor:
 def merge_into(block: ResidualBlock, residual: Tensor, shortcut: Tensor) -> Tensor:
     """``block.merge(residual, shortcut)``, in place on ``residual`` (a fresh tensor) for the default merge
     (the same arithmetic, so the same values, without two temporaries)."""
-    if type(block).merge is ResidualBlock.merge:
-        return torch.relu_(residual.add_(shortcut))
-    return block.merge(residual, shortcut)
+    return merge_pool_into(block, residual, shortcut, pool=False)[0]
+
+
+def merge_pool_into(block: ResidualBlock, residual: Tensor, shortcut: Tensor,
+                    pool: bool = True) -> tuple[Tensor, Tensor | None]:
+    """:func:`merge_into`, and with ``pool`` the result's spatial means (B, C, 1, 1) when they come from the
+    same pass over it (the C kernel: float32 on the CPU), else ``None``. On the CPU in float32 the default
+    merge is one pass of that kernel for any network, plain or gated; elsewhere PyTorch's two in-place ops."""
+    if type(block).merge is not ResidualBlock.merge:
+        return block.merge(residual, shortcut), None
+    lib = merge_library() if _native_rows(residual, shortcut) and not torch.is_grad_enabled() else None
+    if lib is None:
+        return torch.relu_(residual.add_(shortcut)), None
+    b, c, h, w = residual.shape
+    pooled = torch.empty(b, c, 1, 1, dtype=residual.dtype) if pool else None
+    lib.skipnet_add_relu_pool(residual.data_ptr(), shortcut.data_ptr(), b, c, h * w, not residual.is_contiguous(),
+                              None if pooled is None else pooled.data_ptr(), min(torch.get_num_threads(), b))
+    return residual, pooled
 
 
 def run_block(block: ResidualBlock, x: Tensor) -> Tensor:
     """``block(x)`` for inference (no autograd): the merge is done in place, which saves two batch-sized
-    temporaries (~5% of a CIFAR block at batch 256 on CPU). Bit-identical to ``block(x)``."""
+    temporaries (~5% of a CIFAR block at batch 256 on CPU). Equal to ``block(x)``."""
+    return run_block_pooled(block, x, pool=False)[0]
+
+
+def run_block_pooled(block: ResidualBlock, x: Tensor, pool: bool = True) -> tuple[Tensor, Tensor | None]:
+    """:func:`run_block`, and with ``pool`` the output's spatial means where the merge computed them (see
+    :func:`merge_pool_into`), else ``None``."""
     if type(block).forward is not ResidualBlock.forward or torch.is_grad_enabled():
-        return block(x)
-    return merge_into(block, block.residual(x), block.shortcut(x))
+        return block(x), None
+    return merge_pool_into(block, block.residual(x), block.shortcut(x), pool)
 
 
 def run_compact_rows(block: ResidualBlock, x: Tensor, idx: Tensor, n: int) -> tuple[Tensor, Tensor | None]:

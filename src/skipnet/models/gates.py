@@ -195,7 +195,8 @@ class HostGateStepper:
     """The gates of one inference pass, stepped by the network's loop (no autograd, CPU).
 
     ``step(i, tau, src)`` runs gate ``i`` (in order, from 0) and records p_i for every image. ``src`` says
-    how the gate input changed since the previous step: the new batch (a tensor), ``(idx, idx_t, rows)``
+    how the gate input changed since the previous step: the new batch (a tensor: the activations, or their
+    spatial means (B, C, 1, 1) when the merge computed them, which pool to themselves), ``(idx, idx_t, rows)``
     when the images ``idx`` (distinct; NumPy int64 and tensor forms) changed, to ``rows`` (all of them in
     another order, or some: the others kept theirs, having skipped an identity block), or ``None`` when
     nothing changed. With a threshold ``tau``

@@ -24,8 +24,9 @@ from .executors import (
     FragmentedBatch,
     crossover,
     get_executor,
-    merge_into,
+    merge_pool_into,
     run_block,
+    run_block_pooled,
     run_compact_rows,
     run_masked,
 )
@@ -305,7 +306,8 @@ class SkipResNet(nn.Module):
                 if 0 < n < batch:
                     run = fixed_run[:, i]
             if mode == "all":
-                x = src = run_block(block, x)
+                x, pooled = run_block_pooled(block, x)
+                src = x if pooled is None else pooled  # the gate pools; (B, C, 1, 1) pools to itself
                 continue
             if state is None:  # the masked executor, with the given (maybe fractional) or greedy decisions
                 if fixed is not None:
@@ -317,23 +319,25 @@ class SkipResNet(nn.Module):
             if n == 0 and block.downsample is None:
                 src = None  # nothing changed: the next gate reuses the pooled features
                 continue
+            pooled = None  # the new activations' spatial means, where the merge computed them
             if n == batch or n == 0:  # every image runs, or a skipped transition block pays its projection
                 xw, perm = state.whole()
-                out = run_block(block, xw) if n else block.shortcut(xw)
+                out, pooled = run_block_pooled(block, xw) if n else (block.shortcut(xw), None)
             else:
                 idx = np.flatnonzero(run)
                 width = self.gates.channels[i]
                 if block.downsample is None and not (state.single and n >= crossover(width, copies=1) * batch):
                     sub, images = state.gather(idx)  # (n, C, H, W): the one copy
-                    f = merge_into(block, block.residual(sub), sub)
+                    f, pooled = merge_pool_into(block, block.residual(sub), sub)
                     state.push(f, images)
-                    src = (images, torch.from_numpy(images), f)  # only these images changed
+                    src = (images, torch.from_numpy(images), f if pooled is None else pooled)  # only these changed
                     continue
                 xw, perm = state.whole()  # a transition block, or nearly every image runs (the crossover)
                 pos = idx if perm is None else state.row[idx]
                 out = run_compact_rows(block, xw, torch.from_numpy(pos), n)[0]
             state.replace(out)
-            src = out if perm is None else (perm, torch.from_numpy(perm), out)
+            rows = out if pooled is None else pooled
+            src = rows if perm is None else (perm, torch.from_numpy(perm), rows)
         if state is not None:
             x, perm = state.whole()
         probs = stepper.probs()  # (B, N)
