@@ -128,24 +128,34 @@ def _merge_backward_native(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | 
     return grad_r, grad_r if grad_s is None else grad_s, None if grad_g is None else grad_g.to(ctx.g_dtype)
 
 
+# Below this many values a merge costs less as PyTorch's ops than as a kernel call behind the checks (~10 us
+# of Python): the batch-1 CIFAR blocks (16K values) stay on PyTorch's ops.
+NATIVE_MERGE_MIN_NUMEL = 1 << 16
+
+
 def _native_rows(r: Tensor, s: Tensor) -> bool:
     """Whether the merge kernel can take ``r`` and ``s``: float32 CPU tensors of one shape and the same dense
     strides (contiguous or channels_last), so that image b is values [b K, (b+1) K) of each; not while
     tracing (``torch.compile`` gets the PyTorch ops)."""
-    return (r.device.type == "cpu" and r.dtype == torch.float32 and s.dtype == torch.float32
+    return (r.dtype == torch.float32 and s.dtype == torch.float32 and r.device.type == "cpu"
             and s.device.type == "cpu" and r.dim() == 4 and r.shape == s.shape and r.stride() == s.stride()
             and r.numel() > 0 and (r.is_contiguous() or r.is_contiguous(memory_format=torch.channels_last))
             and not torch.compiler.is_compiling())
 
 
+_merge_lib: list = []  # [library or None], once per process
+
+
 def merge_library() -> ctypes.CDLL | None:
     """The gated-merge kernels, or ``None`` (then PyTorch ops are used); see :mod:`.native`."""
-    p, i = ctypes.c_void_p, ctypes.c_int64
-    return load_kernel("gated_merge", MERGE_SOURCE, {
-        "skipnet_merge_forward": ([p, p, p, i, i, p, ctypes.c_int], None),
-        "skipnet_merge_backward": ([p, p, p, p, i, i, ctypes.c_int, p, p, p, ctypes.c_int], None),
-        "skipnet_add_relu_pool": ([p, p, i, i, i, ctypes.c_int, p, ctypes.c_int], None),
-    }, openmp=True)
+    if not _merge_lib:
+        p, i = ctypes.c_void_p, ctypes.c_int64
+        _merge_lib.append(load_kernel("gated_merge", MERGE_SOURCE, {
+            "skipnet_merge_forward": ([p, p, p, i, i, p, ctypes.c_int], None),
+            "skipnet_merge_backward": ([p, p, p, p, i, i, ctypes.c_int, p, p, p, ctypes.c_int], None),
+            "skipnet_add_relu_pool": ([p, p, i, i, i, ctypes.c_int, p, ctypes.c_int], None),
+        }, openmp=True))
+    return _merge_lib[0]
 
 
 MERGE_SOURCE = r"""
@@ -309,7 +319,9 @@ def merge_pool_into(block: ResidualBlock, residual: Tensor, shortcut: Tensor,
     merge is one pass of that kernel for any network, plain or gated; elsewhere PyTorch's two in-place ops."""
     if type(block).merge is not ResidualBlock.merge:
         return block.merge(residual, shortcut), None
-    lib = merge_library() if _native_rows(residual, shortcut) and not torch.is_grad_enabled() else None
+    lib = None
+    if residual.numel() >= NATIVE_MERGE_MIN_NUMEL and not torch.is_grad_enabled() and _native_rows(residual, shortcut):
+        lib = merge_library()
     if lib is None:
         return torch.relu_(residual.add_(shortcut)), None
     b, c, h, w = residual.shape
