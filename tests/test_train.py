@@ -25,6 +25,7 @@ from skipnet.train import (
     save_checkpoint,
     train,
 )
+from skipnet.train.trainer import build_optimizers
 
 
 def _data(n: int, seed: int) -> ImageData:
@@ -143,6 +144,9 @@ def test_gate_lr_zero_freezes_the_gates_but_not_the_controlled_threshold(tmp_pat
         elif name.startswith("gates."):
             assert torch.equal(after[name], value), name
     assert not torch.equal(after["fc.weight"], before["fc.weight"])  # the backbone trains
+    model = load_model(sp_run)
+    build_optimizers(model, cfg.train)
+    assert not any(p.requires_grad for p in model.gates.parameters())  # no gradients kept for frozen gates
 
 
 def test_existing_run_folder_is_never_overwritten(tmp_path):
@@ -236,6 +240,10 @@ def test_overrides_are_typed_and_checked():
         load_config("fashion_mnist_hrl", ["train.drop_rate=0.1"])
     with pytest.raises(ValueError, match="drop_rate is a probability"):
         load_config(None, ["train.drop_rate=1"])
+    with pytest.raises(ValueError, match="gate_lr 0 freezes the gates"):
+        load_config("fashion_mnist_hrl_reinforce", ["train.gate_lr=0"])
+    with pytest.raises(ValueError, match="gate_lr must be >= 0"):
+        load_config(None, ["train.gate_lr=nan"])
 
 
 # --- the CLI over real idx files ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .blocks import ResidualBlock
 from .native import load_kernel
@@ -77,7 +78,7 @@ class GatedMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r: Tensor, s: Tensor, g: Tensor) -> Tensor:  # type: ignore[override]
         ctx.g_dtype = g.dtype
-        lib = merge_library() if _native_rows(r, s) else None
+        lib = merge_library() if g.numel() == r.shape[0] and _native_rows(r, s) else None
         ctx.native = lib is not None
         if lib is not None:
             g32 = g.detach().to(torch.float32).contiguous()
@@ -95,6 +96,7 @@ class GatedMerge(torch.autograd.Function):
         return torch.lerp(s, f, g4)
 
     @staticmethod
+    @once_differentiable  # (F and g are saved as constants: a second derivative would be wrong, so it raises)
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
         if ctx.native:
             return _merge_backward_native(ctx, grad)
@@ -119,7 +121,7 @@ def _merge_backward_native(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | 
     batch = f.shape[0]
     grad_r = torch.empty_like(f)
     grad_s = None if ctx.all_run else torch.empty_like(f)
-    grad_g = torch.empty(batch, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+    grad_g = torch.empty(batch, dtype=torch.float32, device=f.device) if ctx.needs_input_grad[2] else None
     merge_library().skipnet_merge_backward(
         grad.data_ptr(), f.data_ptr(), s.data_ptr(), g32.data_ptr(), batch, f.numel() // batch, not ctx.all_run,
         grad_r.data_ptr(),
@@ -133,14 +135,22 @@ def _merge_backward_native(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | 
 NATIVE_MERGE_MIN_NUMEL = 1 << 16
 
 
+def plain_eager(x: Tensor) -> bool:
+    """True for an ordinary tensor run eagerly: no tensor subclass (fake, functional), no dispatch mode (a
+    FLOP counter, fake-tensor tracing), no compilation and no ``torch.jit.trace`` -- which would not see work
+    done outside PyTorch (the C kernels, the host-stepped gates)."""
+    return (type(x) is Tensor and not torch._C._len_torch_dispatch_stack() and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing())
+
+
 def _native_rows(r: Tensor, s: Tensor) -> bool:
     """Whether the merge kernel can take ``r`` and ``s``: float32 CPU tensors of one shape and the same dense
-    strides (contiguous or channels_last), so that image b is values [b K, (b+1) K) of each; not while
-    tracing (``torch.compile`` gets the PyTorch ops)."""
+    strides (contiguous or channels_last), so that image b is values [b K, (b+1) K) of each, run eagerly
+    (:func:`plain_eager`; tracing and compilation get the PyTorch ops)."""
     return (r.dtype == torch.float32 and s.dtype == torch.float32 and r.device.type == "cpu"
             and s.device.type == "cpu" and r.dim() == 4 and r.shape == s.shape and r.stride() == s.stride()
             and r.numel() > 0 and (r.is_contiguous() or r.is_contiguous(memory_format=torch.channels_last))
-            and not torch.compiler.is_compiling())
+            and type(s) is Tensor and plain_eager(r))
 
 
 _merge_lib: list = []  # [library or None], once per process
@@ -172,19 +182,10 @@ void skipnet_merge_forward(const float *r, const float *s, const float *g, int64
         const float w = g[b], u = 1.0f - w;
         const float *rb = r + b * K, *sb = s + b * K;
         float *ob = out + b * K;
-        if (w == 1.0f) {
-            for (int64_t k = 0; k < K; k++) {
-                const float v = rb[k] + sb[k];
-                ob[k] = v < 0.0f ? 0.0f : v;  /* relu, NaN kept (as torch.relu) */
-            }
-        } else if (w == 0.0f) {
-            for (int64_t k = 0; k < K; k++) ob[k] = sb[k];
-        } else {
-            for (int64_t k = 0; k < K; k++) {
-                float v = rb[k] + sb[k];
-                v = v < 0.0f ? 0.0f : v;
-                ob[k] = w < 0.5f ? sb[k] + w * (v - sb[k]) : v - (v - sb[k]) * u;
-            }
+        for (int64_t k = 0; k < K; k++) {  /* also for w in {0, 1}: a NaN anywhere shows, as with lerp */
+            float v = rb[k] + sb[k];
+            v = v < 0.0f ? 0.0f : v;  /* relu, NaN kept (as torch.relu) */
+            ob[k] = w < 0.5f ? sb[k] + w * (v - sb[k]) : v - (v - sb[k]) * u;
         }
     }
 }
@@ -320,14 +321,16 @@ def merge_pool_into(block: ResidualBlock, residual: Tensor, shortcut: Tensor,
     if type(block).merge is not ResidualBlock.merge:
         return block.merge(residual, shortcut), None
     lib = None
-    if residual.numel() >= NATIVE_MERGE_MIN_NUMEL and not torch.is_grad_enabled() and _native_rows(residual, shortcut):
-        lib = merge_library()
+    threads = torch.get_num_threads()
+    if (residual.numel() >= NATIVE_MERGE_MIN_NUMEL and residual.shape[0] >= threads and not torch.is_grad_enabled()
+            and _native_rows(residual, shortcut)):
+        lib = merge_library()  # (the kernel splits the batch over the threads: at least one image each)
     if lib is None:
         return torch.relu_(residual.add_(shortcut)), None
     b, c, h, w = residual.shape
-    pooled = torch.empty(b, c, 1, 1, dtype=residual.dtype) if pool else None
+    pooled = torch.empty(b, c, 1, 1, dtype=residual.dtype, device=residual.device) if pool else None
     lib.skipnet_add_relu_pool(residual.data_ptr(), shortcut.data_ptr(), b, c, h * w, not residual.is_contiguous(),
-                              None if pooled is None else pooled.data_ptr(), min(torch.get_num_threads(), b))
+                              None if pooled is None else pooled.data_ptr(), threads)
     return residual, pooled
 
 

@@ -77,7 +77,12 @@ def _build(name: str, source: str, openmp: bool) -> ctypes.CDLL:
                 with contextlib.suppress(OSError):
                     if old != target and time.time() - old.stat().st_mtime > 3600:
                         old.unlink()  # a process that loaded it keeps its mapping
-        return ctypes.CDLL(str(target))
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError:  # e.g. an OpenMP runtime the loader cannot find: try without
+            if i + 1 < len(attempts):
+                continue
+            raise
     raise AssertionError("unreachable")
 
 

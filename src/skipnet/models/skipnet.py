@@ -25,6 +25,7 @@ from .executors import (
     crossover,
     get_executor,
     merge_pool_into,
+    plain_eager,
     run_block,
     run_block_pooled,
     run_compact_rows,
@@ -86,13 +87,6 @@ class SkipNetOutput:
     decisions: Tensor
     log_probs: Tensor | None
     macs: Tensor
-
-
-def _plain_eager(x: Tensor) -> bool:
-    """True for an ordinary tensor run eagerly: no tensor subclass (fake, functional), no dispatch mode (a
-    FLOP counter, fake-tensor tracing) and no compilation -- which would not see work done outside PyTorch
-    (the host-stepped gates)."""
-    return type(x) is Tensor and not torch._C._len_torch_dispatch_stack() and not torch.compiler.is_compiling()
 
 
 class SkipResNet(nn.Module):
@@ -240,11 +234,11 @@ class SkipResNet(nn.Module):
         fixed = self._check_fixed(decisions, batch, x.device) if mode == "fixed" else None
         if temperature <= 0:
             raise ValueError(f"temperature must be positive; got {temperature}")
-        if drop_rate and (mode != "straight_through" or not 0.0 < drop_rate < 1.0):
-            raise ValueError(f"drop_rate goes with mode 'straight_through' and lies in [0, 1); got {drop_rate} "
-                             f"with mode {mode!r}")
+        if drop_rate and (mode != "straight_through" or not self.training or not 0.0 < drop_rate < 1.0):
+            raise ValueError(f"drop_rate goes with training in mode 'straight_through' and lies in [0, 1); got "
+                             f"{drop_rate} with mode {mode!r}{'' if self.training else ' in eval mode'}")
 
-        if mode in _HOST_MODES and not self.training and not torch.is_grad_enabled() and _plain_eager(x):
+        if mode in _HOST_MODES and not self.training and not torch.is_grad_enabled() and plain_eager(x):
             if mode == "greedy" and not 0.0 <= tau <= 1.0:
                 raise ValueError(f"greedy threshold tau must lie in [0, 1], got {tau}")
             stepper = self.gates.host_stepper(x, temperature, tau if mode == "greedy" else None)

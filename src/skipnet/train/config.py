@@ -125,8 +125,11 @@ class TrainSection:
             raise ValueError(f"target_macs is a fraction of the dense network's MACs in (0, 1]; got {self.target_macs}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive; got {self.temperature}")
-        if self.gate_lr is not None and self.gate_lr < 0:
+        if self.gate_lr is not None and not self.gate_lr >= 0:
             raise ValueError(f"gate_lr must be >= 0 (0 freezes the gates); got {self.gate_lr}")
+        if self.gate_lr == 0 and self.stage == "hrl" and self.gate_gradient == "reinforce":
+            raise ValueError("gate_lr 0 freezes the gates, which is all REINFORCE trains: use it with "
+                             "gate_gradient 'straight_through' (the threshold controller then moves the gates)")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate is a probability in [0, 1); got {self.drop_rate}")
         if self.drop_rate and self.stage == "hrl":

@@ -83,10 +83,13 @@ def controlled_threshold(cfg) -> bool:
 
 def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
     """SGD (momentum, weight decay on all parameters); the gates may get their own lr or Adam, or stay as they
-    are (``gate_lr`` 0). Under a threshold controller the gates' output biases belong to the controller, not
-    to an optimiser."""
+    are (``gate_lr`` 0: their parameters also stop requiring gradients, so none are computed, kept or
+    all-reduced; the gradient through the gates still reaches the backbone). Under a threshold controller the
+    gates' output biases belong to the controller, not to an optimiser."""
     backbone, gates = split_params(model)
     if cfg.gate_lr == 0:
+        for p in gates:
+            p.requires_grad_(False)
         gates = []
     if controlled_threshold(cfg):
         held = {id(b) for b in model.gates.output_biases()}
