@@ -589,6 +589,7 @@ def test_native_gated_merge_matches_pytorch_ops(monkeypatch, channels_last, gate
     (the same formulas; the gate's gradient sums in another order), for every kind of batch, including the
     all-run shortcut where the output is F itself and both input gradients are one tensor."""
     from skipnet.models import executors
+    from skipnet.models import native as kernels
 
     if executors.merge_library() is None:
         pytest.skip("no C compiler: the native merge is not reachable")
@@ -608,7 +609,7 @@ def test_native_gated_merge_matches_pytorch_ops(monkeypatch, channels_last, gate
         return out.detach(), r.grad, s.grad, g.grad
 
     fast = run()
-    monkeypatch.setattr(executors, "_merge_lib", [None])  # as if no C compiler were available
+    monkeypatch.setitem(kernels._loaded, "gated_merge", None)  # as if no C compiler were available
     ref = run()
     assert torch.equal(fast[0], ref[0]) if gates_ != "fractional" else torch.allclose(fast[0], ref[0], atol=1e-6)
     torch.testing.assert_close(fast[1], ref[1], rtol=0, atol=0)
@@ -624,6 +625,7 @@ def test_native_gated_merge_in_a_training_step_matches_pytorch_ops(monkeypatch):
     """A whole straight-through training step of a SkipNet (channels_last, float32) gives the same gradients
     with the C merge kernel as with PyTorch ops (and the gates' pooled gradient as with autograd's mean)."""
     from skipnet.models import executors, gates
+    from skipnet.models import native as kernels
 
     if executors.merge_library() is None:
         pytest.skip("no C compiler: the native merge is not reachable")
@@ -644,7 +646,7 @@ def test_native_gated_merge_in_a_training_step_matches_pytorch_ops(monkeypatch):
     fast, decisions = grads()
     runs = decisions.mean(0)
     assert (runs == 1).any() and ((0 < runs) & (runs < 1)).any()  # all-run and mixed blocks: every path
-    monkeypatch.setattr(executors, "_merge_lib", [None])
+    monkeypatch.setitem(kernels._loaded, "gated_merge", None)
     monkeypatch.setattr(gates, "global_mean_pool", lambda t: t.mean((2, 3)))
     ref, _ = grads()
     assert len(fast) == len(ref)
@@ -718,6 +720,7 @@ def test_native_gated_merge_keeps_nan(monkeypatch, g):
     """A NaN activation must reach the loss (the trainer stops on a non-finite loss) as it does through
     PyTorch's ops -- also from a skipped image's residual, as with lerp -- and double backward still works."""
     from skipnet.models import executors
+    from skipnet.models import native as kernels
 
     if executors.merge_library() is None:
         pytest.skip("no C compiler: the native merge is not reachable")
@@ -725,7 +728,7 @@ def test_native_gated_merge_keeps_nan(monkeypatch, g):
     r[1, 0, 0, 0] = float("nan")
     gate = torch.tensor(g)
     out = executors.GatedMerge.apply(r, s, gate)
-    monkeypatch.setattr(executors, "_merge_lib", [None])
+    monkeypatch.setitem(kernels._loaded, "gated_merge", None)
     ref = executors.GatedMerge.apply(r, s, gate)
     torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(out[1, 0, 0, 0]) and torch.isfinite(out[0]).all()

@@ -153,19 +153,18 @@ def _native_rows(r: Tensor, s: Tensor) -> bool:
             and type(s) is Tensor and plain_eager(r))
 
 
-_merge_lib: list = []  # [library or None], once per process
+_P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_MERGE_SIGNATURES = {
+    "skipnet_merge_forward": ([_P, _P, _P, _I, _I, _P, _INT], None),
+    "skipnet_merge_backward": ([_P, _P, _P, _P, _I, _I, _INT, _P, _P, _P, _INT], None),
+    "skipnet_add_relu_pool": ([_P, _P, _I, _I, _I, _INT, _P, _INT], None),
+}
 
 
 def merge_library() -> ctypes.CDLL | None:
-    """The gated-merge kernels, or ``None`` (then PyTorch ops are used); see :mod:`.native`."""
-    if not _merge_lib:
-        p, i = ctypes.c_void_p, ctypes.c_int64
-        _merge_lib.append(load_kernel("gated_merge", MERGE_SOURCE, {
-            "skipnet_merge_forward": ([p, p, p, i, i, p, ctypes.c_int], None),
-            "skipnet_merge_backward": ([p, p, p, p, i, i, ctypes.c_int, p, p, p, ctypes.c_int], None),
-            "skipnet_add_relu_pool": ([p, p, i, i, i, ctypes.c_int, p, ctypes.c_int], None),
-        }, openmp=True))
-    return _merge_lib[0]
+    """The gated-merge kernels, or ``None`` (then PyTorch ops are used); see :mod:`.native` (which builds
+    them once per process)."""
+    return load_kernel("gated_merge", MERGE_SOURCE, _MERGE_SIGNATURES, openmp=True)
 
 
 MERGE_SOURCE = r"""

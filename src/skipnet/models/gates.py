@@ -537,9 +537,12 @@ _NATIVE_ERRORS = {-1: "gates must run in order", -2: "wrong number of channels",
 def native_gate_library() -> ctypes.CDLL | None:
     """The C kernel of the RNN gate's inference stepper, or ``None`` (then PyTorch ops are used): built on
     first use by :func:`.native.load_kernel` (``SKIPNET_NATIVE=0`` turns it off)."""
-    return load_kernel("rnn_gate", _NATIVE_SOURCE, {"skipnet_gate_step": (
-        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-         ctypes.c_int, ctypes.c_void_p], ctypes.c_int64)})
+    return load_kernel("rnn_gate", _NATIVE_SOURCE, _NATIVE_SIGNATURES)
+
+
+_NATIVE_SIGNATURES = {"skipnet_gate_step": (
+    [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+     ctypes.c_int, ctypes.c_void_p], ctypes.c_int64)}
 
 
 def build_gates(kind: str, channels: list[int], embed_dim: int = 10, hidden_dim: int = 10) -> GateBank:

@@ -66,23 +66,18 @@ def _build(name: str, source: str, openmp: bool) -> ctypes.CDLL:
     for i, flags in enumerate(attempts):
         key = hashlib.sha256("\0".join([source, cc, *flags, platform.machine(), platform.system()]).encode())
         target = cache / f"{name}_{key.hexdigest()[:16]}.so"
-        if not target.exists():
-            try:
-                _compile(cc, flags, source, target, name)
-            except subprocess.CalledProcessError:
-                if i + 1 < len(attempts):
-                    continue  # e.g. no OpenMP support: try without
-                raise
-            for old in cache.glob(f"{name}_*.so"):  # other versions' builds, unless maybe just built
-                with contextlib.suppress(OSError):
-                    if old != target and time.time() - old.stat().st_mtime > 3600:
-                        old.unlink()  # a process that loaded it keeps its mapping
         try:
+            if not target.exists():
+                _compile(cc, flags, source, target, name)
+                for old in cache.glob(f"{name}_*.so"):  # other versions' builds, unless maybe just built
+                    with contextlib.suppress(OSError):
+                        if old != target and time.time() - old.stat().st_mtime > 3600:
+                            old.unlink()  # a process that loaded it keeps its mapping
             return ctypes.CDLL(str(target))
-        except OSError:  # e.g. an OpenMP runtime the loader cannot find: try without
-            if i + 1 < len(attempts):
-                continue
-            raise
+        except (subprocess.CalledProcessError, OSError):
+            if i + 1 == len(attempts):
+                raise
+            # e.g. no OpenMP support in the compiler, or a runtime the loader cannot find: try without
     raise AssertionError("unreachable")
 
 

@@ -403,6 +403,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     table = model.mac_table(info["image_size"])
     state = new_stage_state(cfg, table, total_steps, device)
+    random_gates = cfg.stage == "hrl" or cfg.drop_rate > 0  # steps draw from step_generator
     step = 0
     if resume:
         payload = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
@@ -463,7 +464,6 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
                     freeze_batchnorm(net)
                 for x, y in loader.epoch(epoch, start_step=in_epoch):
                     set_lrs(optimizers, lr_at(step, steps_per_epoch, cfg), cfg)
-                    random_gates = cfg.stage == "hrl" or cfg.drop_rate > 0
                     gen = step_generator(device, cfg.seed, step, rank) if random_gates else None
                     with autocast(device, cfg.amp):
                         loss, stats = train_step(net, x, y, cfg, state, gen)
