@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="cpu: process CPU time, immune to other processes' load (only with --threads 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per group (default: ~2 s of rounds, 5-50)")
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed rounds per group (no --repeats)")
+    p.add_argument("--min-images", type=int, default=32,
+                   help="images per timed call: smaller batches run as several draws (see skipnet.bench)")
     p.add_argument("--json", help="write environment, rows and target checks here")
     p.add_argument("--skip-old-request", action="store_true", help="skip the batch 1/128 images/s table")
     p.add_argument("--memory-format", choices=("channels_last", "contiguous"), default="channels_last",
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         model_rows = run_bench(name, batch_sizes=batch_sizes, exec_rates=rates, repeats=args.repeats,
                                budget_s=args.budget, clock=args.clock, memory_format=args.memory_format,
+                               min_images=args.min_images,
                                executors=("dense", "masked", "compact", "per_image", "compact_no_gates"))
         rows += model_rows
         print(f"\n{name} (RNN gates), {args.threads} thread(s), {args.clock} clock, {args.memory_format}, "
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_old_request:
         old = run_bench("cifar_resnet110", batch_sizes=(1, 128), exec_rates=(0.5,), repeats=args.repeats,
                         budget_s=args.budget, clock=args.clock, memory_format=args.memory_format,
-                        executors=("dense", "masked", "compact"))
+                        min_images=args.min_images, executors=("dense", "masked", "compact"))
         print("\neval images/s, ResNet-110 / SkipNet-110 (RNN gates), half of the gates off at random per image:")
         for r in old:
             label = {"dense": "plain ResNet-110", "masked": "SkipNet-110 masked", "compact": "SkipNet-110 compact"}

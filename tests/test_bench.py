@@ -56,7 +56,8 @@ def test_ideal_speedup_is_dense_over_mean_macs_counted_independently(rows):
     for r in rows:
         if r["executor"] != "compact":
             continue
-        b = r["batch_size"]
+        b = r["batch_size"] * r["draws"]  # every batch of a timed call
+        assert r["draws"] == math.ceil(32 / r["batch_size"])
         x = torch.randn(b, 3, 32, 32)
         # The harness's draw: per image and gate, Bernoulli(rate) from uniforms of seed 0.
         u = torch.rand(b, gated.num_gates, generator=torch.Generator().manual_seed(0))

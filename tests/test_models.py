@@ -447,6 +447,30 @@ def test_host_path_sees_parameter_changes():
     torch.testing.assert_close(fast, model(x).probs.detach(), rtol=0, atol=1e-6)
 
 
+def test_host_path_with_saturated_gates_and_the_callers_float_mode():
+    """Large gate inputs saturate the LSTM (sigmoid ~ 1e-38), whose products go subnormal; the C step flushes
+    those to zero (for speed) and must leave the caller's floating-point mode as it found it. The
+    probabilities still match the module's, and PyTorch still makes subnormals after a pass."""
+    torch.manual_seed(0)
+    model = _nontrivial(create_model("cifar_resnet14")).eval()
+    with torch.no_grad():
+        for proj in model.gates.proj:
+            proj.weight.mul_(1e4)
+    x = torch.randn(3, 3, 32, 32)
+    ref = model(x)  # autograd on: the module path
+    with torch.no_grad():
+        fast = model(x)  # the host stepper (the C kernel where it builds)
+        again = model(x)  # a second pass reuses the first pass's stepper buffers
+    with torch.no_grad():  # the first gate's LSTM input: large enough to saturate the cell's sigmoids
+        h = model.blocks[0](model.maxpool(model.relu(model.bn1(model.conv1(x)))))
+        assert model.gates.proj[0](h.mean((2, 3))).abs().max() > 100
+    for out in (fast, again):
+        torch.testing.assert_close(out.probs, ref.probs.detach(), rtol=0, atol=1e-6)
+        assert torch.equal(out.decisions, ref.decisions)
+    tiny = torch.tensor([1e-38]) / 16
+    assert 0.0 < tiny.item() < 1e-38  # not flushed: the kernel restored the mode
+
+
 def test_host_path_takes_channels_last_and_rejects_misfits():
     from skipnet.models import gates
 

@@ -17,6 +17,13 @@ Bernoulli(rate) decisions drawn from ``seed`` (the gates still run and are charg
 ``decisions_from_model=True`` a trained model takes its own greedy decisions and the rate is measured.
 The draws are nested: an image's executed blocks at rate 0.25 are a subset of those at 0.5.
 
+Small batches: one timed call covers at least ``min_images`` images (default 32). A batch smaller than that
+is timed as ``draws`` = ceil(min_images / B) different batches in a row -- their own images and decisions --
+and the latency is per batch; the ideal speed-up is that of all their decisions. One draw at batch 1 is one
+set of coin flips (17 for SkipNet-38), whose mix of cheap and dear blocks the MAC count does not see: on
+the development CPU a first-stage block of a CIFAR ResNet takes 1.5x the time of a later one at batch 1
+for the same MACs, so one draw's speed-up could land well off the rate's own.
+
 Extra executor ``compact_no_gates``: the compact executor with the gate computation bypassed (same fixed
 decisions). ``gate_share`` of a compact row = 1 - time(no gates) / time(compact): the gate's share of the
 latency. Only for RNN gates on CPU (they run through the host stepper, which is what gets replaced).
@@ -100,6 +107,7 @@ def run_bench(
     memory_format: str = "contiguous",
     per_image_max_calls: int = 64,
     clock: str = "wall",
+    min_images: int = 32,
 ) -> list[dict]:
     """Time the executors; one row (a dict) per (batch size, rate, executor). See the module docstring.
 
@@ -114,7 +122,9 @@ def run_bench(
     already runs B forward passes: it gets at most ``per_image_max_calls // B`` rounds (at least 1); each
     row records its ``repeats``. ``clock``: ``"wall"`` (latency; CUDA events on a GPU) or ``"cpu"``: the
     process's CPU time, which other processes' load on a shared machine does not inflate -- equal to the
-    latency only with ``torch.set_num_threads(1)`` (CPU only). Rows hold plain Python numbers (JSON-ready).
+    latency only with ``torch.set_num_threads(1)`` (CPU only). ``min_images``: a timed call runs
+    ``draws`` = ceil(min_images / batch) batches, each with its own images and decisions (see the module
+    docstring); rows record ``draws``. Rows hold plain Python numbers (JSON-ready).
     """
     device = torch.device(device)
     unknown = set(executors) - set(EXECUTOR_NAMES)
@@ -130,6 +140,8 @@ def run_bench(
         raise ValueError(f"execution rates must lie in [0, 1]; got {exec_rates}")
     if warmup < 0 or (repeats is not None and repeats < 1):
         raise ValueError(f"need warmup >= 0 and repeats >= 1; got {warmup}, {repeats}")
+    if min_images < 1:
+        raise ValueError(f"min_images must be a positive integer; got {min_images}")
     gated, plain, name = _build_pair(model, gate, in_channels)
     if not gated.is_gated:
         raise ValueError("run_bench needs a gated model (the plain network is built from it)")
@@ -145,17 +157,22 @@ def run_bench(
 
     rows: list[dict] = []
     for batch in batch_sizes:
-        x = _batch(inputs, batch, cfg.in_channels, hw, seed).to(device=device, dtype=dtype, memory_format=fmt)
-        uniform = torch.rand(batch, gated.num_gates, generator=torch.Generator().manual_seed(seed))
+        draws = math.ceil(min_images / batch)
+        x = _batch(inputs, batch * draws, cfg.in_channels, hw, seed).to(device=device, dtype=dtype,
+                                                                        memory_format=fmt)
+        uniform = torch.rand(batch * draws, gated.num_gates, generator=torch.Generator().manual_seed(seed))
+        xs = x.split(batch)
         for rate in groups:
             with torch.inference_mode():
                 if rate is None:
-                    dec = gated(x, "greedy", tau=tau, executor="compact").decisions.float()
+                    dec = torch.cat([gated(xb, "greedy", tau=tau, executor="compact").decisions.float() for xb in xs])
                 else:
                     dec = (uniform < rate).float()
             dec = dec.to(device)
-            fns = _callables(gated, plain, x, dec, rate is None, tau, executors)
-            times = _time_interleaved(fns, warmup, repeats, budget_s, per_image_max_calls, batch, device, clock)
+            fns = _callables(gated, plain, xs, dec.split(batch), rate is None, tau, executors)
+            times = _time_interleaved(fns, warmup, repeats, budget_s, per_image_max_calls, batch * draws, device,
+                                      clock)
+            times = {k: [t / draws for t in v] for k, v in times.items()}  # per batch
             macs = float(table.per_image(dec.cpu()).mean())
             ideal = table.plain / macs
             measured = float(dec.mean())
@@ -177,6 +194,7 @@ def run_bench(
                     "ideal_speedup": 1.0 if ex == "dense" else ideal,
                     "macs_per_image": float(table.plain) if ex == "dense" else macs,
                     "repeats": len(t),
+                    "draws": draws,
                     "clock": clock,
                 }
                 if dense_med is not None:  # the speed-up reached, as a fraction of the compute-ideal one
@@ -251,36 +269,52 @@ class _NoGates(HostGateStepper):
 
 
 def _callables(
-    gated: SkipResNet, plain: SkipResNet, x: Tensor, dec: Tensor, greedy: bool, tau: float, executors: Sequence[str]
+    gated: SkipResNet, plain: SkipResNet, xs: Sequence[Tensor], decs: Sequence[Tensor], greedy: bool, tau: float,
+    executors: Sequence[str],
 ) -> dict[str, Callable[[], object]]:
-    def skipnet(executor: str, xb: Tensor = x, db: Tensor = dec) -> object:
+    """One callable per executor, each running every batch of ``xs`` (with its decisions ``decs``) once."""
+
+    def skipnet(executor: str, xb: Tensor, db: Tensor) -> object:
         if greedy:
             return gated(xb, "greedy", tau=tau, executor=executor)
         return gated(xb, "fixed", decisions=db, executor=executor)
 
+    def each(executor: str) -> Callable[[], None]:
+        def run() -> None:
+            for xb, db in zip(xs, decs):
+                skipnet(executor, xb, db)
+
+        return run
+
+    def dense() -> None:
+        for xb in xs:
+            plain(xb)
+
     def per_image() -> None:
-        for i in range(x.shape[0]):
-            skipnet("compact", x[i : i + 1], dec[i : i + 1])
+        for xb, db in zip(xs, decs):
+            for i in range(xb.shape[0]):
+                skipnet("compact", xb[i : i + 1], db[i : i + 1])
 
     bank = gated.gates
+    compact = each("compact")
 
-    def no_gates() -> object:
+    def no_gates() -> None:
         bank.host_stepper = lambda xb, *args: _NoGates(xb.shape[0], gated.num_gates)  # shadows the method
         try:
-            return skipnet("compact")
+            compact()
         finally:
             del bank.host_stepper
 
     if "compact_no_gates" in executors:
         if greedy:
             raise ValueError("compact_no_gates needs fixed decisions (not decisions_from_model)")
-        if bank.host_stepper(x) is None:
+        if bank.host_stepper(xs[0]) is None:
             raise ValueError("compact_no_gates needs gates with a host stepper (RNN gates, CPU, float32/64)")
 
     table = {
-        "dense": lambda: plain(x),
-        "masked": lambda: skipnet("masked"),
-        "compact": lambda: skipnet("compact"),
+        "dense": dense,
+        "masked": each("masked"),
+        "compact": compact,
         "per_image": per_image,
         "compact_no_gates": no_gates,
     }

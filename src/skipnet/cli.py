@@ -229,6 +229,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per group (sets the repeats)")
+    p.add_argument("--min-images", type=int, default=32,
+                   help="a timed call covers at least this many images: smaller batches are timed as several "
+                        "batches with their own decisions (default 32)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON list of rows")
     p.set_defaults(func=cmd_bench)
@@ -250,7 +253,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model = load_model(args.model)
         kwargs["decisions_from_model"] = True
     rows = run_bench(model, batch_sizes=args.batch_sizes, exec_rates=args.rates, executors=args.executors,
-                     device=args.device, dtype=dtype, budget_s=args.budget, gate=args.gate, **kwargs)
+                     device=args.device, dtype=dtype, budget_s=args.budget, gate=args.gate,
+                     min_images=args.min_images, **kwargs)
     if args.json:
         print(json.dumps(rows))
     else:

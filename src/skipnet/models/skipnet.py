@@ -283,14 +283,15 @@ class SkipResNet(nn.Module):
         copy) and their outputs stay where they were computed; the logits are put back in image order at
         the end. Same decisions and, to float tolerance, the same outputs as the general loop."""
         batch = x.shape[0]
-        x = self.blocks[0](x)  # (B, C, H, W)
+        x, pooled = run_block_pooled(self.blocks[0], x)  # (B, C, H, W)
         greedy = tau if mode == "greedy" else None
         if fixed is not None:
             fixed_run = (fixed > 0.5).cpu().numpy()  # (B, N) bool
             fixed_n = fixed_run.sum(0).tolist()
         n = 0  # mode "none": nothing runs
         state = FragmentedBatch(x) if compact and mode != "all" else None
-        src: Any = x  # what changed in the gate input since the last gate: see HostGateStepper
+        src: Any = x if pooled is None else pooled  # what changed in the gate input since the last gate: see
+        # HostGateStepper; (B, C, 1, 1) means pool to themselves
         for i, block in enumerate(self.blocks[1:]):
             run, step_n = stepper.step(i, greedy, src)  # run: (B,) on the host, greedy only
             if greedy is not None:
@@ -341,6 +342,7 @@ class SkipResNet(nn.Module):
             dec = fixed.to(probs.dtype)
         else:
             dec = torch.full_like(probs, 1.0 if mode == "all" else 0.0)
+        stepper.release()
         logits = self._head(x)  # rows in the order perm
         if state is not None and perm is not None:
             logits = torch.empty_like(logits).index_copy_(0, torch.from_numpy(perm), logits)
