@@ -1,5 +1,8 @@
 """The core library: presets, gates, decision modes, executors, compute accounting, torchvision loading."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -676,6 +679,55 @@ def test_native_gated_merge_in_a_training_step_matches_pytorch_ops(monkeypatch):
     assert len(fast) == len(ref)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["extension", "ctypes"])
+def test_kernels_as_extension_modules_or_ctypes_libraries(monkeypatch, tmp_path, kind):
+    """With Python's headers the kernels are extension modules (cheap calls); without them, ctypes libraries.
+    Either way: the same calls, and a greedy compact pass (gate kernel) and a training step (merge kernel)
+    give what PyTorch's ops give."""
+    import ctypes
+    import shutil
+
+    from skipnet.models import executors, gates
+    from skipnet.models import native as kernels
+
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    if kind == "ctypes":  # as on a machine without Python's headers
+        monkeypatch.setattr(kernels.sysconfig, "get_paths", lambda: {"include": str(tmp_path / "no-headers")})
+    elif not (Path(kernels.sysconfig.get_paths()["include"]) / "Python.h").exists():
+        pytest.skip("no Python headers here")
+    gate_lib, merge_lib = gates.native_gate_library(), executors.merge_library()
+    for lib in (gate_lib, merge_lib):
+        assert isinstance(lib, ctypes.CDLL) == (kind == "ctypes")
+    assert len(list(tmp_path.glob("*.so"))) == 2
+    if kind == "extension":
+        with pytest.raises(TypeError, match="takes 8 arguments"):
+            gate_lib.skipnet_gate_step(0, 1)
+
+    torch.manual_seed(0)
+    model = _nontrivial(create_model("cifar_resnet14")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x, executor="compact")  # autograd on: the module path
+    with torch.no_grad():
+        fast = model(x, executor="compact")
+    assert isinstance(model.gates.host_stepper(x), gates._RNNNativeStepper)
+    assert torch.equal(fast.decisions, ref.decisions)
+    torch.testing.assert_close(fast.probs, ref.probs.detach(), rtol=0, atol=1e-6)
+
+    r, s_ = torch.randn(4, 8, 5, 5, requires_grad=True), torch.randn(4, 8, 5, 5, requires_grad=True)
+    g = torch.tensor([1.0, 0.0, 1.0, 0.0], requires_grad=True)
+    out = executors.GatedMerge.apply(r, s_, g)
+    out.square().sum().backward()
+    r2, s2, g2 = (t.detach().clone().requires_grad_() for t in (r, s_, g))
+    expect = torch.lerp(s2, torch.relu(r2 + s2), g2.view(-1, 1, 1, 1))
+    expect.square().sum().backward()
+    torch.testing.assert_close(out, expect)
+    for a, b in ((r, r2), (s_, s2), (g, g2)):
+        torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_gate_pool_gradient_is_the_mean_gradient():

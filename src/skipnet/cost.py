@@ -13,6 +13,7 @@ where F_i is the whole block i (residual branch + shortcut) and S_i its shortcut
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -100,11 +101,22 @@ class MacTable:
         if decisions.dim() != 2 or decisions.shape[1] != self.num_gates:
             raise ValueError(f"expected decisions of shape (B, {self.num_gates}), got {tuple(decisions.shape)}")
         dtype = torch.float32 if decisions.device.type == "mps" else torch.float64
-        base = self.stem + self.first_block + sum(self.block_skip) + sum(self.gates) + self.head
-        delta = torch.tensor(
-            [f - s for f, s in zip(self.block_full, self.block_skip)], dtype=dtype, device=decisions.device
-        )
-        return base + decisions.detach().to(dtype) @ delta
+        key = (dtype, decisions.device)
+        delta = self._deltas.get(key)
+        if delta is None:  # F_i - S_i as a tensor, made once per dtype and device
+            delta = self._deltas[key] = torch.tensor(
+                [f - s for f, s in zip(self.block_full, self.block_skip)], dtype=dtype, device=decisions.device
+            )
+        return self._skip_all + decisions.detach().to(dtype) @ delta
+
+    @cached_property
+    def _skip_all(self) -> int:
+        """MACs per image when every gated block is skipped (gates included)."""
+        return self.stem + self.first_block + sum(self.block_skip) + sum(self.gates) + self.head
+
+    @cached_property
+    def _deltas(self) -> dict:
+        return {}
 
 
 def computation_percentage(decisions: Tensor) -> float:

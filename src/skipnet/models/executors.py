@@ -376,9 +376,10 @@ class FragmentedBatch:
     Image ``b`` is row ``row[b]`` of fragment ``frag[b]``. Running an identity-shortcut block on some images
     gathers their rows (one copy, in fragment order), runs the block on that sub-batch and keeps the result
     as a new fragment; fragments no image lives in any more are dropped. Work on the whole batch (every
-    image runs; a transition block, whose projection every image needs) uses :meth:`whole`: one tensor whose
-    rows hold the images in the order ``perm`` (``None``: image order) -- all per-image computations, so the
-    order only matters for the caller's final output."""
+    image runs) uses :meth:`whole`: one tensor whose rows hold the images in the order ``perm`` (``None``:
+    image order) -- all per-image computations, so the order only matters for the caller's final output. A
+    transition block, which gives every image new activations, gathers the images that run it and the others
+    (one copy each) and :meth:`assign` s the two results."""
 
     def __init__(self, x: Tensor):
         self.batch = x.shape[0]
@@ -394,6 +395,17 @@ class FragmentedBatch:
             self.row[perm] = np.arange(self.batch)
         self.perm = perm
         self.single = True
+
+    def assign(self, parts: list[Tensor], images: list[np.ndarray]) -> None:
+        """The batch is now the fragments ``parts``, row ``j`` of ``parts[k]`` holding image ``images[k][j]``
+        (together every image once)."""
+        self.frags = list(parts)
+        self.live = [len(im) for im in images]
+        for k, im in enumerate(images):
+            self.frag[im] = k
+            self.row[im] = np.arange(len(im))
+        self.perm = None
+        self.single = False
 
     def replace(self, x: Tensor) -> None:
         """The whole batch (see :meth:`whole`) is now ``x``, rows in the same order."""

@@ -287,7 +287,7 @@ class _RNNNativeStepper(HostGateStepper):
             self.p.ctypes.data, self.runs.ctypes.data, temperature, 0.0 if tau is None else tau, tau is not None, 0, 0,
         )
         self.table = table  # keeps the address arrays alive while the kernel uses them
-        self.ctx_ref = ctypes.byref(self.ctx)
+        self.ctx_ref = ctypes.addressof(self.ctx)  # (an int: ctypes and the extension module alike)
         self.batch = batch
         self.decide = tau is not None
         self._step = lib.skipnet_gate_step

@@ -321,13 +321,16 @@ class SkipResNet(nn.Module):
             else:
                 idx = np.flatnonzero(run)
                 width = self.gates.channels[i]
-                if block.downsample is None and not (state.single and n >= crossover(width, copies=1) * batch):
+                if block.downsample is not None:  # every image gets new activations: runners and the others
+                    src = self._transition(block, state, idx, np.flatnonzero(run == 0))
+                    continue
+                if not (state.single and n >= crossover(width, copies=1) * batch):
                     sub, images = state.gather(idx)  # (n, C, H, W): the one copy
                     f, pooled = merge_pool_into(block, block.residual(sub), sub)
                     state.push(f, images)
                     src = (images, torch.from_numpy(images), f if pooled is None else pooled)  # only these changed
                     continue
-                xw, perm = state.whole()  # a transition block, or nearly every image runs (the crossover)
+                xw, perm = state.whole()  # nearly every image runs (the crossover)
                 pos = idx if perm is None else state.row[idx]
                 out = run_compact_rows(block, xw, torch.from_numpy(pos), n)[0]
             state.replace(out)
@@ -347,6 +350,21 @@ class SkipResNet(nn.Module):
         if state is not None and perm is not None:
             logits = torch.empty_like(logits).index_copy_(0, torch.from_numpy(perm), logits)
         return SkipNetOutput(logits, probs, dec, None, table.per_image(dec))
+
+    @staticmethod
+    def _transition(block: ResidualBlock, state: FragmentedBatch, idx: np.ndarray, rest: np.ndarray) -> Tensor:
+        """A transition block run by the images ``idx`` and skipped by ``rest`` (both non-empty), on a
+        :class:`FragmentedBatch`: each group is gathered once (the runners get ``relu(F(x) + S(x))``, the others
+        the projection ``S(x)``) and the two results become the new fragments. Returns every image's spatial
+        means (B, C, 1, 1) for the next gate."""
+        sub, images = state.gather(idx)
+        f, pooled = merge_pool_into(block, block.residual(sub), block.shortcut(sub))
+        others, kept = state.gather(rest)
+        s = block.shortcut(others)
+        state.assign([f, s], [images, kept])
+        means = s.new_empty((state.batch, s.shape[1], 1, 1))
+        means.index_copy_(0, torch.from_numpy(images), f.mean((2, 3), keepdim=True) if pooled is None else pooled)
+        return means.index_copy_(0, torch.from_numpy(kept), s.mean((2, 3), keepdim=True))
 
     def _head(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, classes)
