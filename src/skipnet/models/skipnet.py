@@ -286,13 +286,16 @@ class SkipResNet(nn.Module):
         x, pooled = run_block_pooled(self.blocks[0], x)  # (B, C, H, W)
         greedy = tau if mode == "greedy" else None
         if fixed is not None:
-            fixed_run = (fixed > 0.5).cpu().numpy()  # (B, N) bool
-            fixed_n = fixed_run.sum(0).tolist()
+            fixed_run = fixed.cpu().numpy() > 0.5  # (B, N) bool
+            fixed_n = np.count_nonzero(fixed_run, axis=0).tolist()
         n = 0  # mode "none": nothing runs
-        state = FragmentedBatch(x) if compact and mode != "all" else None
         src: Any = x if pooled is None else pooled  # what changed in the gate input since the last gate: see
         # HostGateStepper; (B, C, 1, 1) means pool to themselves
-        for i, block in enumerate(self.blocks[1:]):
+        single = batch == 1 and compact and mode != "all"  # one image: each block runs or not, no gathers
+        state = FragmentedBatch(x) if compact and mode != "all" and not single else None
+        if single:
+            x = self._single_image(x, stepper, greedy, fixed_n if fixed is not None else None, src)
+        for i, block in enumerate(() if single else self.blocks[1:]):
             run, step_n = stepper.step(i, greedy, src)  # run: (B,) on the host, greedy only
             if greedy is not None:
                 n = step_n
@@ -350,6 +353,22 @@ class SkipResNet(nn.Module):
         if state is not None and perm is not None:
             logits = torch.empty_like(logits).index_copy_(0, torch.from_numpy(perm), logits)
         return SkipNetOutput(logits, probs, dec, None, table.per_image(dec))
+
+    def _single_image(self, x: Tensor, stepper: HostGateStepper, greedy: float | None, fixed_n: list[int] | None,
+                      src: Any) -> Tensor:
+        """The compact loop of :meth:`_forward_host` for a batch of one image: a block runs or it does not."""
+        for i, block in enumerate(self.blocks[1:]):
+            n = stepper.step(i, greedy, src)[1]
+            if greedy is None:
+                n = 0 if fixed_n is None else fixed_n[i]
+            if n:
+                x, pooled = run_block_pooled(block, x)
+                src = x if pooled is None else pooled
+            elif block.downsample is not None:  # a skipped transition block still pays its projection
+                x = src = block.shortcut(x)
+            else:
+                src = None  # nothing changed: the next gate reuses the pooled features
+        return x
 
     @staticmethod
     def _transition(block: ResidualBlock, state: FragmentedBatch, idx: np.ndarray, rest: np.ndarray) -> Tensor:
