@@ -221,6 +221,16 @@ def test_per_image_macs_and_computation_percentage_by_hand():
     assert t.block_skip[1] > 0 and t.block_skip[0] == 0  # gate 1 guards stage 2's transition block
     # rates per gate: 2/3, 1/3, 2/3, 1/3, 1/3 -> (1 + 7/3) / 6
     assert computation_percentage(out.decisions) == pytest.approx((1 + 7 / 3) / 6)
+    # The same numbers whatever the decisions' dtype and layout (a NumPy product on the CPU for some dtypes,
+    # PyTorch's for the others), and for expected MACs of fractional decisions.
+    for dd in (d.double(), d.bool(), d.to(torch.uint8), d.half(), d.bfloat16(), d.clone().requires_grad_(),
+               d.t().contiguous().t()):
+        assert t.per_image(dd).dtype == torch.float64
+        assert torch.equal(t.per_image(dd), out.macs)
+    assert torch.equal(t.per_image(d[2:].expand(3, -1)), out.macs[2:].expand(3))
+    frac = torch.full((2, 5), 0.5)
+    assert torch.allclose(t.per_image(frac), torch.tensor([always + sum(t.block_skip) + 0.5 * (
+        sum(t.block_full) - sum(t.block_skip))] * 2, dtype=torch.float64))
 
 
 # --- executors -----------------------------------------------------------------------------------------------
@@ -474,6 +484,39 @@ def test_host_path_with_saturated_gates_and_the_callers_float_mode():
     assert 0.0 < tiny.item() < 1e-38  # not flushed: the kernel restored the mode
 
 
+def test_host_path_takes_fixed_decisions_that_require_grad():
+    torch.manual_seed(0)
+    model = _nontrivial(create_model("cifar_resnet14")).eval()
+    x = torch.randn(3, 3, 32, 32)
+    d = _random_decisions(model, 3, 0).requires_grad_()
+    with torch.no_grad():
+        out = model(x, "fixed", decisions=d, executor="compact")
+    assert torch.equal(out.decisions, d.detach())
+
+
+def test_host_path_from_several_threads():
+    """Threads running one model share its gate bank's free steppers: each pass gets its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    model = _nontrivial(create_model("cifar_resnet14")).eval()
+    xs = [torch.randn(b, 3, 32, 32) for b in (1, 2, 1, 2, 1, 2, 1, 2)]
+    with torch.no_grad():
+        ref = [model(x, executor="compact") for x in xs]
+
+    def run(x):
+        with torch.no_grad():
+            return [model(x, executor="compact") for _ in range(5)]
+
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(run, xs))
+    for r, many in zip(ref, outs):
+        for o in many:
+            assert torch.equal(o.decisions, r.decisions)
+            torch.testing.assert_close(o.probs, r.probs, rtol=0, atol=1e-6)
+            torch.testing.assert_close(o.logits, r.logits, rtol=1e-5, atol=1e-5)
+
+
 def test_host_path_takes_channels_last_and_rejects_misfits():
     from skipnet.models import gates
 
@@ -577,6 +620,7 @@ def test_gate_address_cache_is_not_copied_or_pickled():
         ref = model(x)
         for clone in (copy.deepcopy(model), torch.load(_saved(model, io), weights_only=False)):
             assert "_native_cache" not in clone.gates.__dict__
+            assert "_free_steppers" not in clone.gates.__dict__  # (buffers' addresses: the original's)
             out = clone(x)
             torch.testing.assert_close(out.probs, ref.probs)
             assert torch.equal(out.decisions, ref.decisions)

@@ -164,8 +164,10 @@ class RNNGateBank(GateBank):
             lib = native_gate_library()
             table = self._native_table() if lib is not None else None
             if table is not None:
-                free = self.__dict__.setdefault("_free_steppers", {}).get(x.shape[0])
-                stepper = free.pop() if free else None  # (list.pop is atomic: threads never share one)
+                try:  # (list.pop is atomic: two threads never get the same stepper)
+                    stepper = self.__dict__.setdefault("_free_steppers", {})[x.shape[0]].pop()
+                except (KeyError, IndexError):
+                    stepper = None
                 if stepper is None:
                     return _RNNNativeStepper(self, x.shape[0], temperature, tau, table, lib)
                 stepper.reset(temperature, tau, table)
@@ -300,14 +302,14 @@ class _RNNNativeStepper(HostGateStepper):
         ctx.steps = ctx.width = 0
         ctx.temperature, ctx.tau, ctx.decide = temperature, 0.0 if tau is None else tau, tau is not None
         self.decide = tau is not None
-        if table is not self.table:
-            ctx.channels, ctx.proj = table.channels.ctypes.data, table.proj.ctypes.data
-            ctx.w_ih, ctx.w_hh, ctx.b_ih, ctx.b_hh, ctx.w_fc, ctx.b_fc = table.shared
-            self.table = table
+        ctx.channels, ctx.proj = table.channels.ctypes.data, table.proj.ctypes.data
+        ctx.w_ih, ctx.w_hh, ctx.b_ih, ctx.b_hh, ctx.w_fc, ctx.b_fc = table.shared
+        self.table = table
 
     def release(self) -> None:
         """Hand the buffers back to the gate bank for its next pass at this batch size (call after the last use
         of :meth:`probs` and :meth:`decisions`, whose results are copies)."""
+        self.table = None  # (a free stepper keeps no parameters alive; reset gives it the current ones)
         free = self.bank.__dict__.setdefault("_free_steppers", {})
         if len(free) > 8 and self.batch not in free:
             free.clear()  # many batch sizes: keep the memory bounded

@@ -128,25 +128,30 @@ def _build(name: str, source: str, signatures: dict[str, tuple[list, object]], o
         if not include or not Path(include, "Python.h").exists():
             raise OSError("no Python headers (Python.h)")
         base += ["-I" + include]
+        if platform.system() == "Darwin":  # Python's symbols resolve when the interpreter loads the module
+            base += ["-undefined", "dynamic_lookup"]
         suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     attempts = [base + ["-fopenmp"], base] if openmp else [base]
     cache = cache_root()
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)
     for i, flags in enumerate(attempts):
-        wrapper = _wrapper("", signatures) if kind == "extension" else ""
-        key = hashlib.sha256("\0".join([source, wrapper, repr(signatures), kind, cc, *flags, platform.machine(),
+        def text(module: str) -> str:  # Python.h first, as it asks; then the kernels, then their wrappers
+            if kind != "extension":
+                return source
+            head = "#define PY_SSIZE_T_CLEAN\n#include <Python.h>\n#include <limits.h>\n"
+            return head + source + _wrapper(module, signatures)
+
+        key = hashlib.sha256("\0".join([text(""), repr(signatures), kind, cc, *flags, platform.machine(),
                                          platform.system()]).encode()).hexdigest()[:16]
         module = f"{name}_{key}"
-        text = source
-        if kind == "extension":  # Python.h first, as it asks; then the kernels, then their wrappers
-            head = "#define PY_SSIZE_T_CLEAN\n#include <Python.h>\n#include <limits.h>\n"
-            text = head + source + _wrapper(module, signatures)
         target = cache / (module + suffix)
         try:
             if not target.exists():
-                _compile(cc, flags, text, target, name)
-                for old in cache.glob(f"{name}_*"):  # other versions' builds, unless maybe just built
-                    with contextlib.suppress(OSError):
+                _compile(cc, flags, text(module), target, name)
+                for old in cache.glob(f"{name}_*"):  # this kind's other builds (not other Pythons')
+                    if not old.name.endswith(suffix) or (kind == "ctypes") != (old.suffixes == [".so"]):
+                        continue
+                    with contextlib.suppress(OSError):  # unless maybe just built
                         if old != target and time.time() - old.stat().st_mtime > 3600:
                             old.unlink()  # a process that loaded it keeps its mapping
             if kind == "ctypes":

@@ -286,7 +286,7 @@ class SkipResNet(nn.Module):
         x, pooled = run_block_pooled(self.blocks[0], x)  # (B, C, H, W)
         greedy = tau if mode == "greedy" else None
         if fixed is not None:
-            fixed_run = fixed.cpu().numpy() > 0.5  # (B, N) bool
+            fixed_run = fixed.detach().cpu().numpy() > 0.5  # (B, N) bool
             fixed_n = np.count_nonzero(fixed_run, axis=0).tolist()
         n = 0  # mode "none": nothing runs
         src: Any = x if pooled is None else pooled  # what changed in the gate input since the last gate: see
