@@ -119,7 +119,7 @@ def run_bench(
     from, cycled (default: seeded Gaussian noise of ``input_size`` (32 for CIFAR presets, 224 for
     ImageNet ones) and ``in_channels``). ``repeats``: timed rounds per group; ``None`` picks 5-50 rounds to
     fill about ``budget_s`` seconds. ``per_image`` is affordable at large batches because each of its calls
-    already runs B forward passes: it gets at most ``per_image_max_calls // (B draws)`` rounds (at least 1); each
+    already runs B forward passes: it gets at most ``per_image_max_calls // (B * draws)`` rounds (at least 1); each
     row records its ``repeats``. ``clock``: ``"wall"`` (latency; CUDA events on a GPU) or ``"cpu"``: the
     process's CPU time, which other processes' load on a shared machine does not inflate -- equal to the
     latency only with ``torch.set_num_threads(1)`` (CPU only). ``min_images``: a timed call runs

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -161,7 +162,7 @@ _MERGE_SIGNATURES = {
 }
 
 
-def merge_library() -> ctypes.CDLL | None:
+def merge_library() -> Any:
     """The gated-merge kernels, or ``None`` (then PyTorch ops are used); see :mod:`.native` (which builds
     them once per process)."""
     return load_kernel("gated_merge", MERGE_SOURCE, _MERGE_SIGNATURES, openmp=True)

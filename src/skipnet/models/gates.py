@@ -15,7 +15,8 @@ in all) next to a ~200 us block -- so its stepper runs each gate as one call int
 (:func:`native_gate_library`, built by :mod:`.native`: compiled once and cached; it pools only the images
 whose input changed and reads the parameters in place). PyTorch ops stand in where no compiler is
 available, for float64, and for batches above 32 when PyTorch runs on several threads. The bank keeps one
-cache, of its parameters' addresses (``_native_cache``), rebuilt whenever they move; no per-call state.
+cache, of its parameters' addresses (``_native_cache``), rebuilt whenever they move, and the steppers of
+finished passes (``_free_steppers``, per batch size), whose buffers the next pass reuses.
 """
 
 from __future__ import annotations
@@ -164,11 +165,9 @@ class RNNGateBank(GateBank):
             lib = native_gate_library()
             table = self._native_table() if lib is not None else None
             if table is not None:
-                try:  # (list.pop is atomic: two threads never get the same stepper)
+                try:  # one a previous pass released (list.pop is atomic: two threads never get the same one)
                     stepper = self.__dict__.setdefault("_free_steppers", {})[x.shape[0]].pop()
                 except (KeyError, IndexError):
-                    stepper = None
-                if stepper is None:
                     return _RNNNativeStepper(self, x.shape[0], temperature, tau, table, lib)
                 stepper.reset(temperature, tau, table)
                 return stepper
@@ -276,27 +275,25 @@ class _RNNNativeStepper(HostGateStepper):
     the shapes it is given. Agrees with the module to float rounding (~1e-7)."""
 
     def __init__(self, bank: RNNGateBank, batch: int, temperature: float, tau: float | None, table: _NativeTable,
-                 lib: ctypes.CDLL):
+                 lib: Any):
         n = bank.num_gates
-        self.state = np.zeros((2, bank.hidden_dim, batch), dtype=np.float32)  # h, c
+        self.state = np.empty((2, bank.hidden_dim, batch), dtype=np.float32)  # h, c (zeroed by reset)
         self.pooled = np.empty((max(bank.channels), batch), dtype=np.float32)
         self.scratch = np.empty((bank.embed_dim + 4 * bank.hidden_dim, batch), dtype=np.float32)
         self.p = np.empty((n, batch), dtype=np.float32)
         self.runs = np.empty((n, batch), dtype=np.uint8)
-        self.ctx = _GateCtx(
-            batch, bank.embed_dim, bank.hidden_dim, n, table.channels.ctypes.data, table.proj.ctypes.data,
-            *table.shared, self.pooled.ctypes.data, self.state.ctypes.data, self.scratch.ctypes.data,
-            self.p.ctypes.data, self.runs.ctypes.data, temperature, 0.0 if tau is None else tau, tau is not None, 0, 0,
-        )
-        self.table = table  # keeps the address arrays alive while the kernel uses them
+        self.ctx = _GateCtx(batch=batch, embed=bank.embed_dim, hidden=bank.hidden_dim, gates=n,
+                            pooled=self.pooled.ctypes.data, state=self.state.ctypes.data,
+                            scratch=self.scratch.ctypes.data, probs=self.p.ctypes.data, runs=self.runs.ctypes.data)
         self.ctx_ref = ctypes.addressof(self.ctx)  # (an int: ctypes and the extension module alike)
         self.batch = batch
-        self.decide = tau is not None
         self._step = lib.skipnet_gate_step
         self.bank = bank
+        self.reset(temperature, tau, table)
 
     def reset(self, temperature: float, tau: float | None, table: _NativeTable) -> None:
-        """Ready for a new pass (a stepper handed back by :meth:`release`: no allocations)."""
+        """Ready for a pass: zero state, these settings, the parameters' current addresses (``table``, kept
+        alive while the kernel uses it). A stepper handed back by :meth:`release` needs no allocations."""
         self.state.fill(0.0)
         ctx = self.ctx
         ctx.steps = ctx.width = 0
@@ -588,7 +585,7 @@ class _GateCtx(ctypes.Structure):
 _NATIVE_ERRORS = {-1: "gates must run in order", -2: "wrong number of channels", -3: "bad image indices"}
 
 
-def native_gate_library() -> ctypes.CDLL | None:
+def native_gate_library() -> Any:
     """The C kernel of the RNN gate's inference stepper, or ``None`` (then PyTorch ops are used): built on
     first use by :func:`.native.load_kernel` (``SKIPNET_NATIVE=0`` turns it off)."""
     return load_kernel("rnn_gate", _NATIVE_SOURCE, _NATIVE_SIGNATURES)

@@ -134,13 +134,14 @@ def _build(name: str, source: str, signatures: dict[str, tuple[list, object]], o
     attempts = [base + ["-fopenmp"], base] if openmp else [base]
     cache = cache_root()
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for i, flags in enumerate(attempts):
-        def text(module: str) -> str:  # Python.h first, as it asks; then the kernels, then their wrappers
-            if kind != "extension":
-                return source
-            head = "#define PY_SSIZE_T_CLEAN\n#include <Python.h>\n#include <limits.h>\n"
-            return head + source + _wrapper(module, signatures)
 
+    def text(module: str) -> str:  # Python.h first, as it asks; then the kernels, then their wrappers
+        if kind != "extension":
+            return source
+        head = "#define PY_SSIZE_T_CLEAN\n#include <Python.h>\n#include <limits.h>\n"
+        return head + source + _wrapper(module, signatures)
+
+    for i, flags in enumerate(attempts):
         key = hashlib.sha256("\0".join([text(""), repr(signatures), kind, cc, *flags, platform.machine(),
                                          platform.system()]).encode()).hexdigest()[:16]
         module = f"{name}_{key}"
