@@ -33,7 +33,8 @@ def test_rows_have_the_keys_and_sane_values(rows):
         assert dense["speedup_vs_dense"] == 1.0 and dense["ideal_speedup"] == 1.0
         for ex in ("masked", "compact", "per_image"):
             assert group[ex]["speedup_vs_dense"] == pytest.approx(dense["latency_ms_p50"] / group[ex]["latency_ms_p50"])
-        assert -1.0 < group["compact"]["gate_share"] < 1.0
+        # 1 - t(no gates) / t(compact): below 1; noise on a loaded machine can push it far below 0
+        assert math.isfinite(group["compact"]["gate_share"]) and group["compact"]["gate_share"] < 1.0
 
 
 def _groups(rows):

@@ -494,6 +494,29 @@ def test_host_path_takes_fixed_decisions_that_require_grad():
     assert torch.equal(out.decisions, d.detach())
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_host_path_results_belong_to_their_pass(batch):
+    """The gate kernel writes each pass's probabilities and decisions into new tensors, which the caller keeps:
+    the next pass (same stepper, other images) leaves them alone, and a released stepper refuses to step."""
+    from skipnet.models import gates
+
+    torch.manual_seed(0)
+    model = _nontrivial(create_model("cifar_resnet14")).eval()
+    x1, x2 = torch.randn(batch, 3, 32, 32), torch.randn(batch, 3, 32, 32)
+    ref = model(x1, executor="compact")  # autograd on: the module path
+    with torch.no_grad():
+        a = model(x1, executor="compact")
+        b = model(x2, executor="compact")
+    torch.testing.assert_close(a.probs, ref.probs.detach(), rtol=0, atol=1e-6)
+    assert torch.equal(a.decisions, ref.decisions) and not torch.equal(a.probs, b.probs)
+    if gates.native_gate_library() is None:
+        pytest.skip("no C compiler: the native stepper is not reachable")
+    stepper = model.gates.host_stepper(x1, tau=0.5)
+    stepper.release()
+    with pytest.raises(ValueError, match="released"):
+        stepper.step(0, 0.5, torch.randn(batch, 16, 32, 32))
+
+
 def test_host_path_from_several_threads():
     """Threads running one model share its gate bank's free steppers: each pass gets its own."""
     from concurrent.futures import ThreadPoolExecutor
@@ -811,16 +834,18 @@ def test_drop_rate_skips_blocks_at_random_in_straight_through_training():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_inference_merge_pools_in_the_same_pass(channels_last):
-    """Inference merges in place (one C pass on the CPU) and hands the next gate the channel means it
-    computed on the way: the values of relu(R + S) exactly, the means to float rounding, NaN kept."""
+@pytest.mark.parametrize("channels", [16, 21])
+def test_inference_merge_pools_in_the_same_pass(channels_last, channels):
+    """Inference merges in place (one C pass on the CPU, vectorised per the CPU's widest instructions) and
+    hands the next gate the channel means it computed on the way: the values of relu(R + S) exactly, the
+    means to float rounding, NaN kept -- also for a channel count that is no multiple of a vector."""
     from skipnet.models import executors
 
     if executors.merge_library() is None:
         pytest.skip("no C compiler: the native merge is not reachable")
     block = create_model("cifar_resnet8").blocks[1].eval()
     torch.manual_seed(0)
-    r, s = torch.randn(5, 16, 33, 31), torch.randn(5, 16, 33, 31)  # above NATIVE_MERGE_MIN_NUMEL
+    r, s = torch.randn(5, channels, 33, 31), torch.randn(5, channels, 33, 31)  # above NATIVE_MERGE_MIN_NUMEL
     r[2, 3, 4, 5] = float("nan")
     if channels_last:
         r, s = (t.contiguous(memory_format=torch.channels_last) for t in (r, s))
@@ -831,7 +856,7 @@ def test_inference_merge_pools_in_the_same_pass(channels_last):
     assert none is None
     torch.testing.assert_close(plain, out, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
-    assert pooled.shape == (5, 16, 1, 1) and torch.isnan(pooled[2, 3]).all()
+    assert pooled.shape == (5, channels, 1, 1) and torch.isnan(pooled[2, 3]).all()
     torch.testing.assert_close(pooled, ref.mean((2, 3), keepdim=True), rtol=1e-6, atol=1e-6, equal_nan=True)
 
 

@@ -239,9 +239,12 @@ void skipnet_merge_backward(const float *d, const float *f, const float *s, cons
 /* Inference merge in place, r = relu(r + s), for B images of C channels x HW positions (channels_last:
    (HW, C) per image, else (C, HW)); with pooled, also each image's channel means of the result
    (pooled[b C + c]), which the next gate would otherwise read the whole output again for. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))  /* one build per vector width, picked at load */
+#endif
 void skipnet_add_relu_pool(float *r, const float *s, int64_t B, int64_t C, int64_t HW, int channels_last,
                            float *pooled, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1)
     for (int64_t b = 0; b < B; b++) {
         float *rb = r + b * C * HW;
         const float *sb = s + b * C * HW;
@@ -249,8 +252,8 @@ void skipnet_add_relu_pool(float *r, const float *s, int64_t B, int64_t C, int64
             float acc[C];
             for (int64_t c = 0; c < C; c++) acc[c] = 0.0f;
             for (int64_t j = 0; j < HW; j++) {
-                float *rj = rb + j * C;
-                const float *sj = sb + j * C;
+                float *restrict rj = rb + j * C;  /* (restrict: r and s do not overlap, so this loop vectorises) */
+                const float *restrict sj = sb + j * C;
                 for (int64_t c = 0; c < C; c++) {
                     float v = rj[c] + sj[c];
                     v = v < 0.0f ? 0.0f : v;

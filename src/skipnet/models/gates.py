@@ -159,11 +159,10 @@ class RNNGateBank(GateBank):
         return [self.fc.bias]
 
     def host_stepper(self, x: Tensor, temperature: float = 1.0, tau: float | None = None) -> HostGateStepper | None:
-        if x.device.type != "cpu" or x.dtype != self.rnn.weight_ih.dtype:
-            return None
-        if x.dtype == torch.float32 and (x.shape[0] <= NATIVE_MAX_BATCH or torch.get_num_threads() == 1):
+        cpu = x.device.type == "cpu"
+        if cpu and x.dtype == torch.float32 and (x.shape[0] <= NATIVE_MAX_BATCH or torch.get_num_threads() == 1):
             lib = native_gate_library()
-            table = self._native_table() if lib is not None else None
+            table = self._native_table() if lib is not None else None  # (valid: float32 CPU parameters)
             if table is not None:
                 try:  # one a previous pass released (list.pop is atomic: two threads never get the same one)
                     stepper = self.__dict__.setdefault("_free_steppers", {})[x.shape[0]].pop()
@@ -171,6 +170,8 @@ class RNNGateBank(GateBank):
                     return _RNNNativeStepper(self, x.shape[0], temperature, tau, table, lib)
                 stepper.reset(temperature, tau, table)
                 return stepper
+        if not cpu or x.dtype != self.rnn.weight_ih.dtype:
+            return None
         return _RNNTorchStepper(self, x, temperature)
 
     def __getstate__(self) -> dict:
@@ -183,9 +184,10 @@ class RNNGateBank(GateBank):
         """The parameters' addresses for the C kernel, or ``None`` where it cannot read them (not contiguous
         float32 CPU tensors of the expected shapes). Read at the start of every pass -- a moved or replaced
         parameter has a new address -- and validated again when they change."""
-        rnn, fc = self.rnn._parameters, self.fc._parameters
+        mods = self._modules  # (not nn.Module's attribute lookup: this runs every pass)
+        rnn, fc = mods["rnn"]._parameters, mods["fc"]._parameters
         params = [rnn["weight_ih"], rnn["weight_hh"], rnn["bias_ih"], rnn["bias_hh"], fc["weight"], fc["bias"]]
-        for m in self.proj:
+        for m in mods["proj"]._modules.values():
             d = m._parameters
             params += (d["weight"], d["bias"])
         ptrs = [p.data_ptr() for p in params]
@@ -277,14 +279,13 @@ class _RNNNativeStepper(HostGateStepper):
     def __init__(self, bank: RNNGateBank, batch: int, temperature: float, tau: float | None, table: _NativeTable,
                  lib: Any):
         n = bank.num_gates
-        self.state = np.empty((2, bank.hidden_dim, batch), dtype=np.float32)  # h, c (zeroed by reset)
+        self.state = np.empty((2, bank.hidden_dim, batch), dtype=np.float32)  # h, c (zeroed at gate 0)
         self.pooled = np.empty((max(bank.channels), batch), dtype=np.float32)
         self.scratch = np.empty((bank.embed_dim + 4 * bank.hidden_dim, batch), dtype=np.float32)
-        self.p = np.empty((n, batch), dtype=np.float32)
         self.runs = np.empty((n, batch), dtype=np.uint8)
         self.ctx = _GateCtx(batch=batch, embed=bank.embed_dim, hidden=bank.hidden_dim, gates=n,
                             pooled=self.pooled.ctypes.data, state=self.state.ctypes.data,
-                            scratch=self.scratch.ctypes.data, probs=self.p.ctypes.data, runs=self.runs.ctypes.data)
+                            scratch=self.scratch.ctypes.data, runs=self.runs.ctypes.data)
         self.ctx_ref = ctypes.addressof(self.ctx)  # (an int: ctypes and the extension module alike)
         self.batch = batch
         self._step = lib.skipnet_gate_step
@@ -292,21 +293,26 @@ class _RNNNativeStepper(HostGateStepper):
         self.reset(temperature, tau, table)
 
     def reset(self, temperature: float, tau: float | None, table: _NativeTable) -> None:
-        """Ready for a pass: zero state, these settings, the parameters' current addresses (``table``, kept
-        alive while the kernel uses it). A stepper handed back by :meth:`release` needs no allocations."""
-        self.state.fill(0.0)
+        """Ready for a pass: these settings, the parameters' current addresses (``table``, kept alive while the
+        kernel uses it) and new result tensors (the kernel zeroes the LSTM state at gate 0). A stepper handed back
+        by :meth:`release` allocates nothing else."""
         ctx = self.ctx
         ctx.steps = ctx.width = 0
         ctx.temperature, ctx.tau, ctx.decide = temperature, 0.0 if tau is None else tau, tau is not None
         self.decide = tau is not None
-        ctx.channels, ctx.proj = table.channels.ctypes.data, table.proj.ctypes.data
+        ctx.channels, ctx.proj = table.addresses
         ctx.w_ih, ctx.w_hh, ctx.b_ih, ctx.b_hh, ctx.w_fc, ctx.b_fc = table.shared
         self.table = table
+        # This pass's results, written by the kernel gate by gate: returned as they are, not copied.
+        self.out_p = torch.empty(self.batch, ctx.gates)
+        self.out_d = torch.empty(self.batch, ctx.gates) if self.decide else None
+        ctx.probs, ctx.decisions = self.out_p.data_ptr(), None if self.out_d is None else self.out_d.data_ptr()
 
     def release(self) -> None:
-        """Hand the buffers back to the gate bank for its next pass at this batch size (call after the last use
-        of :meth:`probs` and :meth:`decisions`, whose results are copies)."""
-        self.table = None  # (a free stepper keeps no parameters alive; reset gives it the current ones)
+        """Hand the buffers back to the gate bank for its next pass at this batch size (after the last use of
+        :meth:`probs` and :meth:`decisions`: their tensors are the caller's from then on)."""
+        self.table = self.out_p = self.out_d = None  # (reset gives a free stepper the current parameters)
+        self.ctx.probs = self.ctx.decisions = None
         free = self.bank.__dict__.setdefault("_free_steppers", {})
         if len(free) > 8 and self.batch not in free:
             free.clear()  # many batch sizes: keep the memory bounded
@@ -326,11 +332,13 @@ class _RNNNativeStepper(HostGateStepper):
             else:
                 x, idx_ptr = src, None
             nhwc = 0
-            if x.dtype != torch.float32 or not x.is_contiguous():
-                if x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last):
+            if x.dtype != _F32:
+                x = x.contiguous().float()
+            elif not x.is_contiguous():
+                if x.is_contiguous(memory_format=_CHANNELS_LAST):
                     nhwc = 1
                 else:
-                    x = x.contiguous().float()
+                    x = x.contiguous()
             shape = x.shape
             n = self._step(self.ctx_ref, index, x.data_ptr(), shape[0], shape[1], shape[2] * shape[3], nhwc, idx_ptr)
         if n < 0:
@@ -339,10 +347,12 @@ class _RNNNativeStepper(HostGateStepper):
         return (self.runs[index], n) if self.decide else (None, 0)
 
     def probs(self) -> Tensor:
-        return torch.from_numpy(self.p[: self.ctx.steps].T.copy())
+        steps = self.ctx.steps
+        return self.out_p if steps == self.out_p.shape[1] else self.out_p[:, :steps].clone()
 
     def decisions(self) -> Tensor:
-        return torch.from_numpy(self.runs[: self.ctx.steps].T.astype(np.float32))
+        steps = self.ctx.steps
+        return self.out_d if steps == self.out_d.shape[1] else self.out_d[:, :steps].clone()
 
 
 class _NativeTable:
@@ -362,6 +372,7 @@ class _NativeTable:
         self.shared = ptrs[:6]
         self.proj = np.asarray(ptrs[6:], dtype=np.uint64)  # (2N,): weight, bias per gate
         self.channels = np.asarray(bank.channels, dtype=np.int64)  # (N,)
+        self.addresses = (self.channels.ctypes.data, self.proj.ctypes.data)  # (read once: .ctypes costs ~2 us)
 
 
 # --- the C kernel ------------------------------------------------------------------------------------------------
@@ -373,6 +384,7 @@ NATIVE_MAX_BATCH = 32
 _NATIVE_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
@@ -386,8 +398,9 @@ typedef struct {
     float *pooled;                            /* (C, B) pooled gate input, feature-major */
     float *state;                             /* (2, H, B): h, c */
     float *scratch;                           /* (E + 4H, B) */
-    float *probs;                             /* (N, B) */
-    uint8_t *runs;                            /* (N, B) greedy decisions */
+    float *probs;                             /* (B, N): p of each image and gate */
+    float *decisions;                         /* (B, N): the greedy decisions as 0/1 (or null) */
+    uint8_t *runs;                            /* (N, B): the same, for the caller's routing */
     float temperature;                        /* divides the logits */
     float tau;                                /* greedy threshold, */
     int32_t decide;                           /* used if decide != 0 */
@@ -446,7 +459,9 @@ static int64_t finish_(gate_ctx *ctx, int64_t index, float *logit);
 static int64_t gate_step_(gate_ctx *ctx, int64_t index, const float *x, int64_t rows, int64_t c, int64_t hw,
                           int channels_last, const int64_t *idx) {
     const int64_t B = ctx->batch, E = ctx->embed, H = ctx->hidden, G = 4 * H;
+    if (!ctx->probs) return -4;  /* released: no pass to write to */
     if (index < 0 || index >= ctx->gates || index != ctx->steps) return -1;
+    if (index == 0) memset(ctx->state, 0, (size_t)(2 * H * B) * sizeof(float));  /* a pass starts at h = c = 0 */
     const int64_t width = ctx->channels[index];
     if (x) {
         if (c != width || hw < 1) return -2;
@@ -537,8 +552,10 @@ static int64_t finish_(gate_ctx *ctx, int64_t index, float *logit) {
     gemm_acc_(logit, ctx->w_fc, h, 1, H, B);
     if (ctx->temperature != 1.0f)
         for (int64_t b = 0; b < B; b++) logit[b] /= ctx->temperature;
-    float *p = ctx->probs + index * B;
+    float *p = logit;
     for (int64_t b = 0; b < B; b++) p[b] = sigmoid_(logit[b]);
+    const int64_t N = ctx->gates;
+    for (int64_t b = 0; b < B; b++) ctx->probs[b * N + index] = p[b];
     int64_t count = 0;
     if (ctx->decide) {
         uint8_t *run = ctx->runs + index * B;
@@ -546,6 +563,7 @@ static int64_t finish_(gate_ctx *ctx, int64_t index, float *logit) {
             run[b] = p[b] >= ctx->tau;
             count += run[b];
         }
+        for (int64_t b = 0; ctx->decisions && b < B; b++) ctx->decisions[b * N + index] = (float)run[b];
     }
     ctx->steps = index + 1;
     return count;
@@ -576,13 +594,15 @@ class _GateCtx(ctypes.Structure):
         ("channels", ctypes.c_void_p), ("proj", ctypes.c_void_p), ("w_ih", ctypes.c_void_p), ("w_hh", ctypes.c_void_p),
         ("b_ih", ctypes.c_void_p), ("b_hh", ctypes.c_void_p), ("w_fc", ctypes.c_void_p), ("b_fc", ctypes.c_void_p),
         ("pooled", ctypes.c_void_p), ("state", ctypes.c_void_p), ("scratch", ctypes.c_void_p),
-        ("probs", ctypes.c_void_p), ("runs", ctypes.c_void_p),
+        ("probs", ctypes.c_void_p), ("decisions", ctypes.c_void_p), ("runs", ctypes.c_void_p),
         ("temperature", ctypes.c_float), ("tau", ctypes.c_float), ("decide", ctypes.c_int32), ("width", ctypes.c_int64),
         ("steps", ctypes.c_int64),
     ]
 
 
-_NATIVE_ERRORS = {-1: "gates must run in order", -2: "wrong number of channels", -3: "bad image indices"}
+_NATIVE_ERRORS = {-1: "gates must run in order", -2: "wrong number of channels", -3: "bad image indices",
+                  -4: "the stepper was released"}
+_F32, _CHANNELS_LAST = torch.float32, torch.channels_last  # (module globals: read once per gate step)
 
 
 def native_gate_library() -> Any:

@@ -285,9 +285,12 @@ class SkipResNet(nn.Module):
         batch = x.shape[0]
         x, pooled = run_block_pooled(self.blocks[0], x)  # (B, C, H, W)
         greedy = tau if mode == "greedy" else None
-        if fixed is not None:
-            fixed_run = fixed.detach().cpu().numpy() > 0.5  # (B, N) bool
-            fixed_n = np.count_nonzero(fixed_run, axis=0).tolist()
+        if fixed is not None:  # (host-side reads: NumPy's calls cost ~10 us each here, between convolutions)
+            if batch == 1:
+                fixed_n = [int(v > 0.5) for v in fixed.tolist()[0]]
+            else:
+                fixed_run = (fixed.detach() > 0.5).numpy()  # (B, N) bool
+                fixed_n = fixed_run.sum(0).tolist()
         n = 0  # mode "none": nothing runs
         src: Any = x if pooled is None else pooled  # what changed in the gate input since the last gate: see
         # HostGateStepper; (B, C, 1, 1) means pool to themselves
@@ -345,7 +348,7 @@ class SkipResNet(nn.Module):
         if greedy is not None:
             dec = stepper.decisions()
         elif fixed is not None:
-            dec = fixed.to(probs.dtype)
+            dec = fixed if fixed.dtype == probs.dtype else fixed.to(probs.dtype)
         else:
             dec = torch.full_like(probs, 1.0 if mode == "all" else 0.0)
         stepper.release()
@@ -391,6 +394,9 @@ class SkipResNet(nn.Module):
     def _check_fixed(self, decisions: Tensor | None, batch: int, device: torch.device) -> Tensor:
         if decisions is None:
             raise ValueError("mode 'fixed' needs decisions=(B, N) or (N,) 0/1 values")
+        if (type(decisions) is Tensor and decisions.dtype == torch.float32 and decisions.device == device
+                and decisions.shape == (batch, self.num_gates)):
+            return decisions  # (the usual case, without a copy)
         d = torch.as_tensor(decisions, device=device)
         if d.dim() == 1:
             d = d.unsqueeze(0).expand(batch, -1)
