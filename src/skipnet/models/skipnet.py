@@ -333,6 +333,7 @@ class SkipResNet(nn.Module):
                 if not (state.single and n >= crossover(width, copies=1) * batch):
                     sub, images = state.gather(idx)  # (n, C, H, W): the one copy
                     f, pooled = merge_pool_into(block, block.residual(sub), sub)
+                    del sub  # (now: the next gather may reuse its memory, still in cache)
                     state.push(f, images)
                     src = (images, torch.from_numpy(images), f if pooled is None else pooled)  # only these changed
                     continue
