@@ -748,6 +748,33 @@ def test_native_gated_merge_in_a_training_step_matches_pytorch_ops(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_merge_kernel_builds_without_per_cpu_clones(monkeypatch, tmp_path):
+    """A compiler (or assembler) that refuses the merge kernel's per-CPU clones still gets the kernel, built
+    without them -- the training merges too, not PyTorch's ops instead."""
+    import shutil
+
+    from skipnet.models import executors
+    from skipnet.models import native as kernels
+
+    real = shutil.which(os.environ.get("CC", "cc"))
+    if real is None:
+        pytest.skip("no C compiler")
+    cc = tmp_path / "cc-without-clones"  # fails on a source with target_clones unless they are turned off
+    cc.write_text(f'#!/bin/sh\nfor a; do case "$a" in -DSKIPNET_NO_CLONES) exec "{real}" "$@";; esac; done\n'
+                  'for a; do case "$a" in *.c) grep -q target_clones "$a" && exit 1;; esac; done\n'
+                  f'exec "{real}" "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    lib = executors.merge_library()
+    assert lib is not None
+    r, s = torch.randn(2, 16, 9, 9), torch.randn(2, 16, 9, 9)
+    out = r.clone()
+    lib.skipnet_add_relu_pool(out.data_ptr(), s.data_ptr(), 2, 16, 81, 0, None, 1)
+    torch.testing.assert_close(out, torch.relu(r + s), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["extension", "ctypes"])
 def test_kernels_as_extension_modules_or_ctypes_libraries(monkeypatch, tmp_path, kind):
     """With Python's headers the kernels are extension modules (cheap calls); without them, ctypes libraries.

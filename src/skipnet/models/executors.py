@@ -146,12 +146,14 @@ def plain_eager(x: Tensor) -> bool:
 
 def _native_rows(r: Tensor, s: Tensor) -> bool:
     """Whether the merge kernel can take ``r`` and ``s``: float32 CPU tensors of one shape and the same dense
-    strides (contiguous or channels_last), so that image b is values [b K, (b+1) K) of each, run eagerly
-    (:func:`plain_eager`; tracing and compilation get the PyTorch ops)."""
+    strides (contiguous or channels_last), so that image b is values [b K, (b+1) K) of each, in different
+    storages (the inference kernel takes them as ``restrict``), run eagerly (:func:`plain_eager`; tracing and
+    compilation get the PyTorch ops)."""
     return (r.dtype == torch.float32 and s.dtype == torch.float32 and r.device.type == "cpu"
             and s.device.type == "cpu" and r.dim() == 4 and r.shape == s.shape and r.stride() == s.stride()
             and r.numel() > 0 and (r.is_contiguous() or r.is_contiguous(memory_format=torch.channels_last))
-            and type(s) is Tensor and plain_eager(r))
+            and type(s) is Tensor and plain_eager(r)
+            and r.untyped_storage().data_ptr() != s.untyped_storage().data_ptr())
 
 
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -239,7 +241,8 @@ void skipnet_merge_backward(const float *d, const float *f, const float *s, cons
 /* Inference merge in place, r = relu(r + s), for B images of C channels x HW positions (channels_last:
    (HW, C) per image, else (C, HW)); with pooled, also each image's channel means of the result
    (pooled[b C + c]), which the next gate would otherwise read the whole output again for. */
-#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && __GNUC__ >= 6 \
+    && !defined(__clang__) && !defined(SKIPNET_NO_CLONES)
 __attribute__((target_clones("avx512f", "avx2", "default")))  /* one build per vector width, picked at load */
 #endif
 void skipnet_add_relu_pool(float *r, const float *s, int64_t B, int64_t C, int64_t HW, int channels_last,

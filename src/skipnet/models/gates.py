@@ -304,8 +304,8 @@ class _RNNNativeStepper(HostGateStepper):
         ctx.w_ih, ctx.w_hh, ctx.b_ih, ctx.b_hh, ctx.w_fc, ctx.b_fc = table.shared
         self.table = table
         # This pass's results, written by the kernel gate by gate: returned as they are, not copied.
-        self.out_p = torch.empty(self.batch, ctx.gates)
-        self.out_d = torch.empty(self.batch, ctx.gates) if self.decide else None
+        self.out_p = torch.empty(self.batch, ctx.gates, dtype=torch.float32, device="cpu")
+        self.out_d = torch.empty(self.batch, ctx.gates, dtype=torch.float32, device="cpu") if self.decide else None
         ctx.probs, ctx.decisions = self.out_p.data_ptr(), None if self.out_d is None else self.out_d.data_ptr()
 
     def release(self) -> None:
@@ -347,12 +347,16 @@ class _RNNNativeStepper(HostGateStepper):
         return (self.runs[index], n) if self.decide else (None, 0)
 
     def probs(self) -> Tensor:
-        steps = self.ctx.steps
-        return self.out_p if steps == self.out_p.shape[1] else self.out_p[:, :steps].clone()
+        return self._result(self.out_p, "probabilities")
 
     def decisions(self) -> Tensor:
+        return self._result(self.out_d, "decisions (greedy passes only)")
+
+    def _result(self, out: Tensor | None, what: str) -> Tensor:
+        if out is None:
+            raise RuntimeError(f"no {what}: the stepper was released, or the pass does not make them")
         steps = self.ctx.steps
-        return self.out_d if steps == self.out_d.shape[1] else self.out_d[:, :steps].clone()
+        return out if steps == out.shape[1] else out[:, :steps].clone()
 
 
 class _NativeTable:
@@ -453,9 +457,10 @@ static int64_t finish_(gate_ctx *ctx, int64_t index, float *logit);
 /* Gate `index` for every image. If x is given, first pool it: x (rows, c, hw), C-contiguous -- or
    (rows, hw, c) with channels_last -- is the new input of images idx[r] (distinct; of images 0..B-1 if idx
    is null, then rows == B); the other images keep their pooled features. Then e = W_p m + b_p, one LSTM
-   step, logit = w_fc h + b_fc and p = sigmoid(logit / temperature) into probs[index]; with decide,
-   runs[index] = p >= tau. Returns the number of images that run (0 without decide), or a negative error
-   code when the input does not fit. */
+   step (from h = c = 0 at gate 0), logit = w_fc h + b_fc and p = sigmoid(logit / temperature) into column
+   `index` of probs (B, N); with decide, runs[index] = p >= tau (and the same as 0/1 into column `index` of
+   decisions). Returns the number of images that run (0 without decide), or a negative error code when the
+   input does not fit or the stepper was released. */
 static int64_t gate_step_(gate_ctx *ctx, int64_t index, const float *x, int64_t rows, int64_t c, int64_t hw,
                           int channels_last, const int64_t *idx) {
     const int64_t B = ctx->batch, E = ctx->embed, H = ctx->hidden, G = 4 * H;

@@ -6,8 +6,9 @@ small inference batches (:mod:`.gates`) and the gated merge's forward and backwa
 loads them. A kernel is compiled once per source, compiler, flags and platform into ``$SKIPNET_CACHE``
 (default ``~/.cache/skipnet``, where the decoded datasets also go) and reused after that; ``-O3
 -fno-trapping-math``, ISO C (so no floating-point contraction) and no ``-march``, so a file suits any machine
-of the architecture. Where no compiler is available, or ``SKIPNET_NATIVE=0``, :func:`load_kernel` returns
-``None`` and the callers use PyTorch ops.
+of the architecture; a kernel may carry per-CPU clones (GCC's ``target_clones`` on x86-64 Linux: picked when
+it loads), and is built without them where the compiler refuses them. Where no compiler is available, or
+``SKIPNET_NATIVE=0``, :func:`load_kernel` returns ``None`` and the callers use PyTorch ops.
 
 OpenMP kernels (``openmp=True``) link ``libgomp.so.1``, which resolves to the copy PyTorch has already loaded,
 so they share PyTorch's thread pool; they take the thread count as an argument (``torch.get_num_threads()``).
@@ -132,6 +133,8 @@ def _build(name: str, source: str, signatures: dict[str, tuple[list, object]], o
             base += ["-undefined", "dynamic_lookup"]
         suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     attempts = [base + ["-fopenmp"], base] if openmp else [base]
+    if "target_clones" in source:  # a compiler or assembler that refuses per-CPU clones builds without them
+        attempts += [flags + ["-DSKIPNET_NO_CLONES"] for flags in attempts]
     cache = cache_root()
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)
 
