@@ -5,7 +5,7 @@ loss, backward, SGD) on synthetic CIFAR-sized data. Configurations are interleav
 median images/s is reported, so a shared machine's noise hits all of them alike.
 
     python benchmarks/bench_training.py --depth 38            # issue: SP within 10% of plain ResNet-38
-    python benchmarks/bench_training.py --depth 110 --stages sp hrl hrl_target
+    python benchmarks/bench_training.py --depth 110 --stages sp hrl hrl_paper calibrate
 """
 
 from __future__ import annotations
@@ -21,63 +21,68 @@ import torch
 from skipnet.data import BatchLoader, ImageData
 from skipnet.models import create_model
 from skipnet.train.config import load_config
-from skipnet.train.trainer import (
-    autocast,
-    build_optimizers,
-    freeze_batchnorm,
-    new_stage_state,
-    train_step,
-    update_controllers,
-)
+from skipnet.train.device import autocast
+from skipnet.train.stages import make_stage
 
+
+def _recipe_train(name: str, keep: tuple[str, ...]) -> list[str]:
+    """``train.*`` overrides taking the optimisation settings of a packaged recipe (not its epochs or data)."""
+    t = load_config(name).train
+    return [f"train.{k}={getattr(t, k)}" for k in keep]
+
+
+# the step's cost depends on these, not on the schedule or the evaluation settings
+HRL_KEYS = ("stage", "lr", "alpha", "beta", "rl_weight", "rl_reduction", "explore", "baseline", "cost",
+            "target_macs", "alpha_lr", "gate_optimizer", "gate_lr", "freeze_bn")
 # The gated stages this compares with the plain network (train.* overrides on top of the defaults).
-HRL = ["train.stage=hrl", "train.cost=macs", "train.target_macs=0.6", "train.gate_optimizer=adam",
-       "train.gate_lr=0.001", "train.lr=0.0001"]
 STAGES = {
     "sp": ["train.stage=sp"],
-    # hybrid REINFORCE with sampled gates and the alpha controller (the paper's gradient)
-    "hrl": HRL + ["train.baseline=ema", "train.rl_weight=1.0", "train.rl_reduction=mean"],
-    # the compute-target mode the short recipes use: straight-through gates and the threshold controller
-    "hrl_target": HRL + ["train.gate_gradient=straight_through", "train.freeze_bn=true"],
+    # learned routing as the demo trains it (recipe fashion_mnist_hrl): sampled gates with exploration, a
+    # self-critical greedy baseline (a second, gradient-free forward pass), alpha by dual ascent, Adam on the gates
+    "hrl": _recipe_train("fashion_mnist_hrl", HRL_KEYS),
+    # the paper's objective (recipe fashion_mnist_hrl_paper): sampled gates, no baseline, fixed alpha
+    "hrl_paper": _recipe_train("fashion_mnist_hrl_paper", HRL_KEYS),
+    # frozen gates, straight-through decisions, a threshold controller (recipe fashion_mnist_calibrate)
+    "calibrate": _recipe_train("fashion_mnist_calibrate", ("stage", "lr", "target_macs", "target_ramp",
+                                                           "threshold_gain", "freeze_bn")),
 }
 
 
 def make_runner(depth: int, stage: str, batch: int, device: torch.device, channels_last: bool, amp: str):
     over = STAGES.get(stage, ["train.stage=baseline"]) + [f"train.channels_last={channels_last}", f"train.amp={amp}"]
     cfg = load_config(None, over).train
-    model = create_model(f"cifar_resnet{depth}", gate="none" if stage == "baseline" else "rnn").to(device).train()
+    model = create_model(f"cifar_resnet{depth}", gate="none" if stage == "baseline" else "rnn").to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    if cfg.stage == "hrl" and cfg.freeze_bn:
-        freeze_batchnorm(model)  # as the trainer does
     g = torch.Generator().manual_seed(0)
     n = batch * 8
     data = ImageData(images=torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
                      labels=torch.arange(n) % 10, classes=[str(i) for i in range(10)],
                      mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), name="synthetic")
     loader = BatchLoader(data, batch, train=True, device=device, channels_last=channels_last)
-    optimizers = build_optimizers(model, cfg)
-    state = new_stage_state(cfg, model.mac_table((32, 32)), 1000, device)
+    st = make_stage(cfg, model, model.mac_table((32, 32)), 1000, device)
+    optimizers = st.build_optimizers()
+    st.train_mode(model)  # as the trainer does (BatchNorm frozen where the stage asks)
     batches = iter(())
-    epoch = 0
+    epoch = step_no = 0
 
     def step() -> None:
-        nonlocal batches, epoch
+        nonlocal batches, epoch, step_no
         x_y = next(batches, None)
         if x_y is None:
             batches, epoch = loader.epoch(epoch), epoch + 1
             x_y = next(batches)
         x, y = x_y
-        gen = torch.Generator(device=device).manual_seed(epoch) if cfg.stage == "hrl" else None
+        gen = torch.Generator(device=device).manual_seed(step_no) if st.draws_random else None
+        step_no += 1
         with autocast(device, amp):
-            loss, stats = train_step(model, x, y, cfg, state, gen)
-        gate_logits = stats.pop("logits", None)
+            loss, stats = st.loss(model, x, y, gen)
         for o in optimizers:
             o.zero_grad(set_to_none=True)
         loss.backward()
         for o in optimizers:
             o.step()
-        update_controllers(model, state, stats, gate_logits)
+        st.after_step(stats)
         if device.type == "cuda":
             torch.cuda.synchronize()
 

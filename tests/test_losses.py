@@ -1,10 +1,14 @@
-"""The HRL objective on small hand-computed cases (SPEC §5)."""
+"""The HRL objective (SPEC §5): small hand-computed cases, and a toy bandit on which the REINFORCE gradient
+of :func:`hrl_loss` is compared with the exact gradient of the expected objective."""
 
+import itertools
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from skipnet.models.decisions import bernoulli_log_prob, decide
 from skipnet.train import hrl_loss, per_gate_returns
 from skipnet.train.hrl import AlphaController, GateBaseline, ThresholdController, needed_shift
 
@@ -18,6 +22,10 @@ def _case():
     decisions = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
     log_probs = torch.tensor([[-0.1, -0.2, -0.3], [-0.4, -0.5, -0.6]], requires_grad=True)
     return logits, labels, decisions, log_probs
+
+
+def _ce(logits, labels):
+    return F.cross_entropy(logits, labels, reduction="none")
 
 
 def test_per_gate_returns_by_hand():
@@ -36,7 +44,7 @@ def test_per_gate_returns_by_hand():
 @pytest.mark.parametrize("reduction,rl_weight", [("sum", 0.01), ("mean", 1.28), ("mean", 0.5)])
 def test_hrl_loss_value_gradient_signs_and_reduction(reduction, rl_weight):
     logits, labels, g, lp = _case()
-    out = hrl_loss(logits, labels, lp, g, alpha=0.3, beta=1.0, rl_weight=rl_weight, reduction=reduction)
+    out = hrl_loss(_ce(logits, labels), lp, g, alpha=0.3, beta=1.0, rl_weight=rl_weight, reduction=reduction)
     r = torch.tensor([[0.2 - LN2, 0.2 - LN2, 0.1 - LN2], [0.1 - LN43, -LN43, -LN43]])
     per_image = -(r * lp.detach()).sum(1)
     reinforce = per_image.sum() if reduction == "sum" else per_image.mean()
@@ -53,25 +61,36 @@ def test_hrl_loss_value_gradient_signs_and_reduction(reduction, rl_weight):
     torch.testing.assert_close(logits.grad, expected_logit_grad)
 
 
-def test_sum_reduction_at_batch_128_equals_mean_with_weight_1_28():
-    torch.manual_seed(0)
-    logits, labels = torch.randn(128, 10), torch.randint(0, 10, (128,))
-    g = torch.bernoulli(torch.full((128, 5), 0.5))
-    lp = torch.randn(128, 5)
-    a = hrl_loss(logits, labels, lp, g, alpha=0.1, rl_weight=0.01, reduction="sum").total
-    b = hrl_loss(logits, labels, lp, g, alpha=0.1, rl_weight=1.28, reduction="mean").total
-    torch.testing.assert_close(a, b)
+def test_reduction_sum_grows_with_the_batch_and_mean_does_not():
+    # What the reductions mean (and what the DDP scaling relies on): repeating every image of a batch twice
+    # doubles the summed REINFORCE gradient and leaves the averaged one unchanged. The CE part is a mean.
+    logits, labels, g, lp = _case()
+
+    def grads(k: int, reduction: str):
+        lp_k = lp.detach().repeat(k, 1).requires_grad_()
+        logits_k = logits.detach().repeat(k, 1).requires_grad_()
+        out = hrl_loss(_ce(logits_k, labels.repeat(k)), lp_k, g.repeat(k, 1), alpha=0.3, rl_weight=0.5,
+                       reduction=reduction)
+        gl, gz = torch.autograd.grad(out.total, (lp_k, logits_k))
+        return gl.view(k, *lp.shape).sum(0), gz.view(k, *logits.shape).sum(0)
+
+    (sum1, ce1), (sum2, ce2) = grads(1, "sum"), grads(2, "sum")
+    torch.testing.assert_close(sum2, 2 * sum1)
+    torch.testing.assert_close(ce2, ce1)
+    (mean1, _), (mean2, _) = grads(1, "mean"), grads(2, "mean")
+    torch.testing.assert_close(mean2, mean1)
+    torch.testing.assert_close(sum1, 2 * mean1)  # batch of 2: sum = 2 x mean
 
 
 def test_each_image_return_multiplies_its_own_log_prob():
     # The authors' ImageNet code broadcast a (B,) by a (B, 1) tensor into B x B; here changing image 1's
     # loss must leave image 0's REINFORCE gradient unchanged.
     logits, labels, g, lp = _case()
-    hrl_loss(logits, labels, lp, g, alpha=0.3, rl_weight=1.0).total.backward()
+    hrl_loss(_ce(logits, labels), lp, g, alpha=0.3, rl_weight=1.0).total.backward()
     first = lp.grad.clone()
     lp.grad = None
     logits2 = torch.tensor([[0.0, 0.0], [-5.0, 5.0]], requires_grad=True)
-    hrl_loss(logits2, labels, lp, g, alpha=0.3, rl_weight=1.0).total.backward()
+    hrl_loss(_ce(logits2, labels), lp, g, alpha=0.3, rl_weight=1.0).total.backward()
     torch.testing.assert_close(lp.grad[0], first[0])
     assert not torch.allclose(lp.grad[1], first[1])
 
@@ -79,18 +98,41 @@ def test_each_image_return_multiplies_its_own_log_prob():
 def test_baseline_is_subtracted_from_the_returns():
     logits, labels, g, lp = _case()
     b = torch.tensor([0.5, -0.5, 0.0])
-    out = hrl_loss(logits, labels, lp, g, alpha=0.3, rl_weight=1.0, reduction="sum", baseline=b)
+    out = hrl_loss(_ce(logits, labels), lp, g, alpha=0.3, rl_weight=1.0, reduction="sum", baseline=b)
     torch.testing.assert_close(out.advantages, out.returns - b)
     out.total.backward()
     torch.testing.assert_close(lp.grad, -(out.returns - b))
 
 
+def test_per_image_baseline_stays_with_its_image():
+    # baseline (B, N), e.g. the returns of each image's own greedy path: row b is subtracted from image b only
+    logits, labels, g, lp = _case()
+    b = torch.tensor([[0.5, -0.5, 0.0], [1.0, 2.0, 3.0]])
+    out = hrl_loss(_ce(logits, labels), lp, g, alpha=0.3, rl_weight=1.0, reduction="sum", baseline=b)
+    torch.testing.assert_close(out.advantages, out.returns - b)
+    out.total.backward()
+    first = lp.grad.clone()
+    torch.testing.assert_close(first, -(out.returns - b))
+    lp.grad = None
+    b2 = b.clone()
+    b2[1] = -7.0
+    hrl_loss(_ce(logits, labels), lp, g, alpha=0.3, rl_weight=1.0, reduction="sum", baseline=b2).total.backward()
+    torch.testing.assert_close(lp.grad[0], first[0])
+    with pytest.raises((RuntimeError, ValueError)):  # neither (N,) nor (B, N)
+        hrl_loss(_ce(logits, labels), lp, g, baseline=torch.zeros(3, 3))
+
+
 def test_hrl_loss_rejects_bad_arguments():
     logits, labels, g, lp = _case()
+    ce = _ce(logits, labels)
     with pytest.raises(ValueError, match="reduction"):
-        hrl_loss(logits, labels, lp, g, reduction="batchmean")
+        hrl_loss(ce, lp, g, reduction="batchmean")
     with pytest.raises(ValueError, match="differ"):
-        hrl_loss(logits, labels, lp[:, :2], g)
+        hrl_loss(ce, lp[:, :2], g)
+    with pytest.raises(ValueError, match="per-image losses"):
+        hrl_loss(ce.unsqueeze(1), lp, g)
+    with pytest.raises(ValueError, match="expected ce"):
+        hrl_loss(ce[:1], lp, g)
 
 
 def test_alpha_controller_moves_towards_target_and_baseline_averages():
@@ -120,7 +162,6 @@ def test_skip_reward_cap_bounds_what_an_image_can_earn():
     torch.testing.assert_close(r, expected)
 
 
-
 def test_needed_shift_by_hand():
     z = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
     saved = torch.tensor([1.0, 2.0])  # per image and block: 0.5 and 1.0 of the batch mean
@@ -148,3 +189,123 @@ def test_threshold_controller_follows_a_ramp_then_holds_the_target():
         ThresholdController(1.5, 10, 0.5)
     with pytest.raises(ValueError, match="gain"):
         ThresholdController(0.5, 10, 2.0)
+
+
+# --- a toy bandit: the REINFORCE gradient of hrl_loss against the exact gradient of the expected objective ----
+#
+# N = 3 independent Bernoulli gates, pi(g_j = 1) = sigmoid(theta_j), and a fixed "cross-entropy" for each of
+# the 2^N decision vectors. hrl_loss minimises, in expectation,
+#     J(theta) = E_g[ beta * CE(g) - (alpha / N) * sum_j (1 - g_j) C_j ].
+# Its REINFORCE term weights log pi(g_i) by the reward-to-go r_i (SPEC §5); the skip rewards of gates j < i are
+# independent of g_i, so they vanish in expectation and E[-sum_i r_i grad log pi(g_i)] = grad J exactly.
+
+N_GATES = 3
+THETA = (0.4, -0.6, 1.2)
+COSTS = torch.tensor([1.0, 2.5, 0.5], dtype=torch.float64)
+ALPHA, BETA = 0.9, 0.7
+CONFIGS = torch.tensor(list(itertools.product([0.0, 1.0], repeat=N_GATES)), dtype=torch.float64)  # (8, N)
+CE_TABLE = torch.tensor([2.4, 1.5, 2.1, 1.2, 1.2, 0.7, 0.9, 0.4], dtype=torch.float64)  # CE of each config
+
+
+def _config_index(g):
+    return (g * 2 ** torch.arange(N_GATES - 1, -1, -1, dtype=g.dtype)).sum(-1).long()  # row of CONFIGS
+
+
+def _expected_objective(p):
+    """J for execution probabilities p (N,): the exact expectation over the 2^N decision vectors."""
+    probs = (CONFIGS * p + (1 - CONFIGS) * (1 - p)).prod(1)
+    cost = BETA * CE_TABLE - ALPHA / N_GATES * ((1 - CONFIGS) * COSTS).sum(1)
+    return (probs * cost).sum()
+
+
+def _analytic_gradient(explore: float = 0.0):
+    theta = torch.tensor(THETA, dtype=torch.float64, requires_grad=True)
+    p = (1 - explore) * torch.sigmoid(theta) + explore / 2  # the policy that acts
+    return torch.autograd.grad(_expected_objective(p), theta)[0]
+
+
+def test_config_table_indexing():
+    assert _config_index(CONFIGS).tolist() == list(range(2**N_GATES))
+
+
+@pytest.mark.parametrize("baseline", [None, "per_gate"])
+def test_bandit_reinforce_gradient_equals_the_exact_gradient_by_enumeration(baseline):
+    # E over g of the per-sample REINFORCE gradient, weighted exactly by pi(g): equal to grad J to rounding.
+    # A baseline that does not depend on the decisions changes no expectation.
+    theta = torch.tensor(THETA, dtype=torch.float64, requires_grad=True)
+    b = None if baseline is None else torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    p = torch.sigmoid(theta).detach()
+    total = torch.zeros(N_GATES, dtype=torch.float64)
+    for k, g in enumerate(CONFIGS):
+        weight = (g * p + (1 - g) * (1 - p)).prod()  # pi(g), a constant
+        lp = bernoulli_log_prob(theta, g)
+        out = hrl_loss(CE_TABLE[k:k + 1], lp[None], g[None], alpha=ALPHA, beta=BETA, rl_weight=1.0,
+                       reduction="sum", costs=COSTS, baseline=b)
+        total += weight * torch.autograd.grad(out.total, theta)[0]
+    expected = _analytic_gradient()
+    torch.testing.assert_close(total, expected, rtol=1e-10, atol=1e-12)
+    assert expected.abs().min() > 0.03  # every component matters
+
+
+@pytest.mark.parametrize("explore", [0.0, 0.3])
+def test_bandit_sampled_reinforce_gradient_matches_the_exact_gradient(explore):
+    # 200k images, each with its own logits row (so each image's gradient can be read off), decided by the
+    # model's own sampler; mean reduction. With exploration the policy that acts is p' = (1 - eps) p + eps / 2:
+    # the estimate must match the gradient of J under p', not under p.
+    batch = 200_000
+    logits = torch.tensor(THETA, dtype=torch.float64).repeat(batch, 1).requires_grad_()
+    gen = torch.Generator().manual_seed(0)
+    gs, lps = zip(*(decide(logits[:, j], "sample", generator=gen, explore=explore) for j in range(N_GATES)))
+    g, lp = torch.stack(gs, 1), torch.stack(lps, 1)
+    out = hrl_loss(CE_TABLE[_config_index(g)], lp, g, alpha=ALPHA, beta=BETA, rl_weight=1.0, reduction="mean",
+                   costs=COSTS)
+    per_image = torch.autograd.grad(out.total, logits)[0] * batch  # (B, N): each image's gradient
+    estimate, stderr = per_image.mean(0), per_image.std(0) / math.sqrt(batch)
+    expected = _analytic_gradient(explore)
+    assert ((estimate - expected).abs() < 4 * stderr).all(), (estimate, expected, stderr)
+    assert (stderr < 0.05 * expected.abs()).all()  # precise enough to tell a wrong gradient apart
+    if explore:
+        wrong = _analytic_gradient(0.0)  # as if the sampling policy were p
+        assert ((estimate - wrong).abs() > 10 * stderr).any()
+
+
+def test_explore_samples_from_the_mixed_policy_and_returns_its_log_prob():
+    eps, per_logit = 0.2, 100_000
+    values = torch.tensor([-40.0, -2.0, 0.0, 1.5, 40.0])
+    logits = values.repeat_interleave(per_logit).requires_grad_()
+    g, lp = decide(logits, "sample", generator=torch.Generator().manual_seed(1), explore=eps)
+    p_mixed = (1 - eps) * torch.sigmoid(values) + eps / 2  # never below eps / 2, never above 1 - eps / 2
+    freq = g.view(len(values), per_logit).mean(1)
+    sigma = (p_mixed * (1 - p_mixed) / per_logit).sqrt()
+    assert ((freq - p_mixed).abs() < 4 * sigma).all(), (freq, p_mixed)
+    # log pi'(g) of the policy that acted, finite even where p itself saturates
+    pm = (1 - eps) * torch.sigmoid(logits) + eps / 2
+    torch.testing.assert_close(lp, torch.where(g == 1, pm.log(), (1 - pm).log()))
+    assert torch.isfinite(lp).all()
+    # its gradient is that of log p'(g) (d/dz log p' = (1 - eps) p (1 - p) / p' for g = 1)
+    (grad,) = torch.autograd.grad(lp.sum(), logits)
+    p = torch.sigmoid(logits.detach())
+    dp = (1 - eps) * p * (1 - p)
+    torch.testing.assert_close(grad, torch.where(g == 1, dp / pm.detach(), -dp / (1 - pm.detach())))
+    # explore 0 is the plain policy
+    g0, lp0 = decide(logits, "sample", generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(lp0, bernoulli_log_prob(logits, g0))
+    with pytest.raises(ValueError, match="explore"):
+        decide(logits, "sample", explore=1.0)
+
+
+def test_model_sample_mode_with_explore_reports_the_log_prob_of_the_acting_policy():
+    import skipnet
+
+    torch.manual_seed(0)
+    model = skipnet.create_model("cifar_resnet8", gate="rnn", in_channels=1, num_classes=4)
+    x = torch.randn(64, 1, 12, 12)
+    eps = 0.3
+    out = model(x, "sample", explore=eps, generator=torch.Generator().manual_seed(0))
+    pm = (1 - eps) * out.probs + eps / 2  # probs: the policy p itself (the stages' expected MACs use it)
+    torch.testing.assert_close(out.log_probs, torch.where(out.decisions == 1, pm.log(), (1 - pm).log()))
+    plain = model(x, "sample", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(plain.probs[:, 0], out.probs[:, 0])  # later gates see the blocks decided before
+    p = plain.probs.double()
+    torch.testing.assert_close(plain.log_probs.double(), torch.where(plain.decisions == 1, p.log(), (1 - p).log()),
+                               atol=1e-5, rtol=1e-5)

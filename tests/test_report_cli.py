@@ -36,9 +36,12 @@ def runs(tmp_path_factory, fmnist_root) -> dict[str, Path]:
         assert main(["train", *extra, *common, "--run-dir", str(out[name])]) == 0
     for alpha in (0.5, 2.0):
         out[f"hrl{alpha}"] = base / f"hrl{alpha}"
-        assert main(["train", "--recipe", "fashion_mnist_hrl_reinforce", "--init", str(out["sp"]), "--epochs", "1",
+        assert main(["train", "--recipe", "fashion_mnist_hrl", "--init", str(out["sp"]), "--epochs", "1",
                      "--alpha", str(alpha), "--set", "train.target_macs=none", *common,
                      "--run-dir", str(out[f"hrl{alpha}"])]) == 0
+    out["calibrate"] = base / "calibrate"
+    assert main(["train", "--recipe", "fashion_mnist_calibrate", "--init", str(out["sp"]), "--epochs", "1", *common,
+                 "--run-dir", str(out["calibrate"])]) == 0
     return out
 
 
@@ -60,23 +63,33 @@ def test_report_from_a_tiny_trained_checkpoint(runs, tmp_path):
 
 def test_sweep_table_and_plot(runs, tmp_path, capsys):
     out = tmp_path / "sweep"
-    assert main(["sweep", str(runs["hrl0.5"]), str(runs["hrl2.0"]), "--plain", str(runs["plain"]),
+    assert main(["sweep", str(runs["hrl0.5"]), str(runs["hrl2.0"]), str(runs["calibrate"]), "--plain",
+                 str(runs["plain"]), "--sweep", str(runs["sp"]), str(runs["hrl0.5"]), "--random", str(runs["sp"]),
                  "--taus", "0.2", "0.5", "0.8", "--out", str(out), "--json"]) == 0
     table = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [r["series"] for r in table].count("SkipNet runs") == 2
-    assert [r["label"] for r in table if r["series"] == "plain ResNet"] == ["R-8"]
-    taus = [r for r in table if r["label"].startswith("τ=")]
-    assert len(taus) == 3 and taus[0]["macs"] >= taus[-1]["macs"]  # a higher threshold never costs more
+    series = [r["series"] for r in table]
+    assert series.count("SkipNet SP→HRL") == 2 and series.count("calibrate (ours: global τ + fine-tuning)") == 1
+    plain = [r for r in table if r["series"] == "plain ResNet"]
+    assert [r["label"] for r in plain] == ["R-8"] and 0 <= plain[0]["accuracy"] <= 100  # an accuracy point
+    # random skipping on the SP weights, once per SkipNet run, at that run's per-block rates (the same MACs)
+    for run in [r for r in table if r["series"] in ("SkipNet SP→HRL", "calibrate (ours: global τ + fine-tuning)")]:
+        match = [r for r in table if r["series"].startswith("random skipping") and r["label"] == f"as {run['label']}"]
+        assert match and match[0]["exec_rates"] is not None
+        assert abs(match[0]["macs"] - run["macs"]) < 0.25 * run["macs"]
+    for name in ("sp", "hrl0.5"):  # one tau sweep per swept run
+        taus = [r for r in table if r["label"].startswith("τ=") and r["run"] == str(runs[name])]
+        assert len(taus) == 3 and taus[0]["macs"] >= taus[-1]["macs"]  # a higher threshold never costs more
     assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "sweep.md").exists()
 
 
 def test_demo_runs_end_to_end(fmnist_root, tmp_path, monkeypatch):
     monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
     lines: list[str] = []
-    summary = run_demo(tmp_path / "demo", data_root=str(fmnist_root), sp_epochs=0.5, hrl_epochs=0.5,
+    summary = run_demo(tmp_path / "demo", data_root=str(fmnist_root), sp_epochs=0.5, hrl_epochs=0.5, references=None,
                        progress=False, echo=lines.append)
     text = "\n".join(lines)
     for needle in ("SkipNet test accuracy", "every block executed", "reduction", "Per-block execution rate",
+                   "Random skipping, same per-block rates", "Plain ResNet reference", "REINFORCE",
                    "Compact vs dense at batch   1", "Compact vs dense at batch 256", "Report:"):
         assert needle in text
     assert (tmp_path / "demo" / "report" / "report.md").exists()

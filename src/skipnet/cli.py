@@ -101,7 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import BatchLoader
     from .reporting import load_eval_data, load_run
     from .train import evaluate
-    from .train.trainer import resolve_device
+    from .train.device import resolve_device
 
     device = resolve_device(args.device)
     model, payload = load_run(args.checkpoint, device)
@@ -184,7 +184,12 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                                    "then write sweep.json, sweep.md and tradeoff.png.")
     p.add_argument("runs", nargs="+", help="SkipNet runs or checkpoints; the first one is also threshold-swept")
     p.add_argument("--plain", nargs="*", default=[], metavar="RUN", help="plain ResNet runs (reference points)")
-    p.add_argument("--taus", type=float, nargs="*", default=list(SWEEP_TAUS), help="thresholds for the first run")
+    p.add_argument("--taus", type=float, nargs="*", default=list(SWEEP_TAUS), help="thresholds of the sweeps")
+    p.add_argument("--sweep", nargs="*", default=None, metavar="RUN",
+                   help="runs to threshold-sweep (default: the first run)")
+    p.add_argument("--random", default=None, metavar="SP_RUN",
+                   help="random skipping on these weights at each SkipNet run's per-block rates (same MACs)")
+    p.add_argument("--random-seeds", type=int, default=1, help="random-skipping draws per run")
     p.add_argument("--data", default=None, help="dataset name (default: the first run's)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the first run's)")
     p.add_argument("--split", default=None, help="split (default: the run's test split)")
@@ -199,15 +204,16 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .reporting import make_sweep
 
-    table = make_sweep(args.runs, plain=args.plain, taus=args.taus, data=args.data, data_root=args.data_root,
+    table = make_sweep(args.runs, plain=args.plain, taus=args.taus, sweep=args.sweep, random_from=args.random,
+                       random_seeds=args.random_seeds, data=args.data, data_root=args.data_root,
                        split=args.split, out=args.out, overwrite=args.overwrite, batch_size=args.batch_size,
                        device=args.device, progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps(table))
     else:
-        print(f"{'series':28s} {'point':>10s} {'top-1 %':>8s} {'MMACs':>9s} {'reduction %':>12s}")
+        print(f"{'series':44s} {'point':>12s} {'top-1 %':>8s} {'MMACs':>9s} {'reduction %':>12s}")
         for row in table:
-            print(f"{row['series']:28s} {row['label']:>10s} {row['accuracy']:8.2f} {row['macs'] / 1e6:9.2f} "
+            print(f"{row['series'][:44]:44s} {row['label']:>12s} {row['accuracy']:8.2f} {row['macs'] / 1e6:9.2f} "
                   f"{row['reduction']:12.1f}")
         print(f"written to {args.out}")
     return 0

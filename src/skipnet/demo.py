@@ -1,4 +1,6 @@
-"""The main job: SP then the compute-target stage on Fashion-MNIST, evaluation, measured speed-up, report.
+"""The main job: SkipNet's two stages on Fashion-MNIST -- SP, then learned routing by hybrid REINFORCE --
+evaluated against the obvious alternatives (random skipping at the same MACs, measured here; the plain ResNets
+of other depths, read from the trade-off script's results), measured speed-up, report.
 
 Budget: under 10 minutes on 2 CPU cores, everything included.
 """
@@ -15,13 +17,18 @@ import torch
 
 from .data import BatchLoader, load_dataset
 from .reporting import measure_speed
-from .train import evaluate, load_config, load_model, train
+from .train import evaluate, load_config, load_model, random_skipping, train
 from .train.trainer import RunExistsError
+
+# Written by `python benchmarks/tradeoff.py --data fashion_mnist` (plain ResNets trained by the demo's recipe
+# for the demo's total epochs); read, not retrained, by the demo.
+REFERENCES = Path("docs/tradeoff/fashion_mnist/sweep.json")
 
 
 def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_epochs: float | None = None,
              hrl_epochs: float | None = None, target_macs: float | None = None, progress: bool = True,
-             echo: Callable[[str], Any] = print, report: bool = True) -> dict[str, Any]:
+             echo: Callable[[str], Any] = print, report: bool = True,
+             references: str | Path | None = REFERENCES) -> dict[str, Any]:
     """Run the demo into ``out`` (a new folder) and return its numbers (also written to ``summary.json``)."""
     start = time.perf_counter()
     out = Path(out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -44,28 +51,31 @@ def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_
     hrl_over += [f"train.epochs={hrl_epochs}"] if hrl_epochs else []
     hrl_over += [f"train.target_macs={target_macs}"] if target_macs else []
     hrl = load_config("fashion_mnist_hrl", hrl_over)
-    if hrl.train.gate_gradient == "reinforce":
-        how = "sampled gates, REINFORCE"
-    else:
-        how = "threshold controller, " + ("gates frozen" if hrl.train.gate_lr == 0 else "straight-through gates")
-    echo(f"stage 2/2 -- HRL stage ({how}): {hrl.train.epochs:g} epochs, target {hrl.train.target_macs} of the "
-         "plain MACs")
+    echo(f"stage 2/2 -- HRL: learned routing (sampled gates trained by REINFORCE, backbone by cross-entropy), "
+         f"{hrl.train.epochs:g} epochs, expected-MAC target {hrl.train.target_macs} of the plain network")
     train(hrl, out / "hrl", data=data, progress=progress)
 
     model = load_model(out / "hrl")
     test = BatchLoader(data[1], 500, train=False)
     skip = evaluate(model, test, mode="greedy", executor="compact", progress=progress)
     full = evaluate(model, test, mode="all", progress=progress)
+    # the paper's random-skipping baseline: the SP weights, each block run at the SkipNet's rate, per image
+    rand = random_skipping(load_model(out / "sp"), test, skip["exec_rates"], progress=progress)
+    total_epochs = sp.train.epochs + hrl.train.epochs
     summary: dict[str, Any] = {
         "model": f"{hrl.model.name} ({hrl.model.gate} gates)",
+        "total_epochs": total_epochs,
         "skipnet_accuracy": skip["accuracy"],
         "all_blocks_accuracy": full["accuracy"],
         "sp_accuracy": sp_result["accuracy"],
+        "random_skipping_accuracy": rand["accuracy"],
+        "random_skipping_macs": rand["macs_per_image"],
         "macs_per_image": skip["macs_per_image"],
         "dense_macs_per_image": skip["dense_macs_per_image"],
         "mac_reduction": skip["mac_reduction"],
         "block_fraction": skip["block_fraction"],
         "exec_rates": skip["exec_rates"],
+        "plain_reference": plain_reference(references, skip["macs_per_image"], total_epochs),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
@@ -90,10 +100,33 @@ def write_demo_report(run: Path, data, path: Path, summary: dict[str, Any], prog
                        speed=summary.get("speed") or False, test_data=data, progress=progress)
 
 
+def plain_reference(path: str | Path | None, macs: float, epochs: float) -> dict[str, Any] | None:
+    """The plain ResNet with the fewest MACs at or above ``macs`` in the trade-off script's results (trained by
+    the demo's recipe for ``epochs``), or None when the file is missing or holds no such network."""
+    if path is None or not Path(path).is_file():
+        return None
+    rows = [r for r in json.loads(Path(path).read_text()) if r.get("series") == "plain ResNet"]
+    rows = [r for r in rows if r.get("epochs") in (None, epochs) and r["macs"] >= macs]
+    if not rows:
+        return None
+    best = min(rows, key=lambda r: r["macs"])
+    return {"label": best["label"], "accuracy": best["accuracy"], "macs": best["macs"], "source": str(path),
+            "date": best.get("date")}
+
+
 def format_summary(s: dict[str, Any]) -> list[str]:
+    ref = s.get("plain_reference")
+    if ref:
+        when = f", {ref['date']}" if ref.get("date") else ""
+        ref_line = (f"Plain {ref['label']} (fewest MACs >= SkipNet's):  {ref['accuracy']:.2f}% at "
+                    f"{ref['macs'] / 1e6:.2f}M  (difference {s['skipnet_accuracy'] - ref['accuracy']:+.2f} points; "
+                    f"not trained here: read from {ref['source']}{when})")
+    else:
+        ref_line = ("Plain ResNet reference:                 none at these MACs and epochs (run "
+                    "`python benchmarks/tradeoff.py --data fashion_mnist`)")
     lines = [
         "",
-        f"== SkipNet demo: {s['model']} on Fashion-MNIST ==",
+        f"== SkipNet demo: {s['model']} on Fashion-MNIST, {s['total_epochs']:g} epochs in all (SP + HRL) ==",
         f"SkipNet test accuracy (greedy gates):   {s['skipnet_accuracy']:.2f}%",
         f"Same weights, every block executed:     {s['all_blocks_accuracy']:.2f}%  "
         f"(difference {s['skipnet_accuracy'] - s['all_blocks_accuracy']:+.2f} points)",
@@ -101,6 +134,10 @@ def format_summary(s: dict[str, Any]) -> list[str]:
         f"(difference {s['skipnet_accuracy'] - s['sp_accuracy']:+.2f} points)",
         f"Mean MACs per image (gates included):   {s['macs_per_image'] / 1e6:.2f}M of "
         f"{s['dense_macs_per_image'] / 1e6:.2f}M plain -> reduction {s['mac_reduction']:.1f}%",
+        f"Random skipping, same per-block rates:  {s['random_skipping_accuracy']:.2f}% at "
+        f"{s['random_skipping_macs'] / 1e6:.2f}M  (difference "
+        f"{s['skipnet_accuracy'] - s['random_skipping_accuracy']:+.2f} points; SP weights, measured here)",
+        ref_line,
         f"Authors' block fraction:                {s['block_fraction']:.1f}%",
         "Per-block execution rate (block 0 always runs):",
         "  " + " ".join(f"{r:.2f}" for r in [1.0] + list(s["exec_rates"])),

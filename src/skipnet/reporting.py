@@ -41,10 +41,11 @@ def run_label(payload: dict[str, Any]) -> str:
     train = payload.get("run_config", {}).get("train", {})
     if cfg.get("gate") == "none":
         return f"R-{cfg.get('depth')}"
-    if train.get("stage") == "hrl":
+    seed = f", seed {train['seed']}" if train.get("seed") else ""
+    if train.get("stage") in ("hrl", "calibrate"):
         if train.get("target_macs") is not None:
-            return f"target {train['target_macs']:g}"
-        return f"α={train.get('alpha'):g}"
+            return f"target {train['target_macs']:g}{seed}"
+        return f"α={train.get('alpha'):g}{seed}"
     return train.get("stage", "run").upper()
 
 
@@ -75,7 +76,7 @@ def make_report(checkpoint: str | Path, *, data: str | None = None, data_root: s
                 test_data: ImageData | None = None) -> Path:
     """Analyse a trained network and write its report folder; returns the path of ``report.md``."""
     from .analysis import run_analysis, write_report
-    from .train.trainer import resolve_device
+    from .train.device import resolve_device
 
     dev = resolve_device(device)
     model, payload = load_run(checkpoint, dev)
@@ -108,45 +109,84 @@ def make_report(checkpoint: str | Path, *, data: str | None = None, data_root: s
         overwrite=overwrite)
 
 
+SERIES_NAMES = {"hrl": "SkipNet SP→HRL", "calibrate": "calibrate (ours: global τ + fine-tuning)",
+                "sp": "SkipNet SP (τ 0.5)", "baseline": "plain ResNet"}
+
+
+def run_series(payload: dict[str, Any]) -> str:
+    """The trade-off series a run belongs to, by its stage (HRL runs by their objective)."""
+    train = payload.get("run_config", {}).get("train", {})
+    stage = "baseline" if payload.get("model_config", {}).get("gate") == "none" else train.get("stage", "sp")
+    name = SERIES_NAMES.get(stage, stage)
+    if stage == "hrl" and train.get("baseline") == "none" and train.get("target_macs") is None:
+        name += " (paper objective)"
+    return name
+
+
 def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence[float] = (),
+               sweep: Sequence[str] | None = None, random_from: str | None = None, random_seeds: int = 1,
                data: str | None = None, data_root: str | None = None, split: str | None = None,
                out: str | Path, overwrite: bool = False, batch_size: int = 500, device: str = "auto",
-               progress: bool = False) -> list[dict[str, Any]]:
-    """Threshold sweep of ``runs[0]``, every run at tau 0.5, plain references; table + plot into ``out``."""
+               progress: bool = False, title: str | None = None) -> list[dict[str, Any]]:
+    """The accuracy/compute trade-off of several runs as one table and one plot in ``out``.
+
+    * a threshold sweep at ``taus`` of every run in ``sweep`` (default: ``runs[0]``; pass SP and HRL runs);
+    * every run in ``runs`` at tau 0.5, one series per stage (SP→HRL, calibrate, ...; see :func:`run_series`);
+    * random skipping on the weights of ``random_from`` (an SP run: the paper's stochastic-depth variant), once
+      per SkipNet run of ``runs`` at that run's per-block execution rates, so at the same expected MACs;
+    * ``plain`` ResNets as accuracy points (the static line).
+    Writes ``sweep.json``, ``sweep.md``, ``tradeoff.png``; returns the table's rows."""
     from .analysis import plot_tradeoff, threshold_sweep
-    from .train.trainer import resolve_device
+    from .train.device import resolve_device
+    from .train.evaluate import random_skipping
 
     out = Path(out)
     files = [out / n for n in ("sweep.json", "sweep.md", "tradeoff.png")]
     if any(f.exists() for f in files) and not overwrite:
         raise FileExistsError(f"{out} already holds a sweep; pass --overwrite or another --out")
+    if not runs and not plain:
+        raise ValueError("make_sweep needs at least one run")
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    first, payload = load_run(runs[0], dev)
+    _, payload = load_run((list(runs) or list(plain))[0], dev)
     test = load_eval_data(payload, data, data_root, split)
     loader = BatchLoader(test, batch_size, train=False, device=dev)
     table: list[dict[str, Any]] = []
-    name = f"τ sweep ({Path(runs[0]).name})"
-    for row in threshold_sweep(first, loader, taus, executor="compact", progress=progress):
-        table.append({"series": name, "label": f"τ={row['tau']:g}", "accuracy": row["accuracy"],
-                      "macs": row["mean_macs"], "reduction": row["reduction_pct"], "run": str(runs[0])})
+
+    def add(series: str, label: str, r: dict[str, Any], run: str) -> None:
+        table.append({"series": series, "label": label, "accuracy": r["accuracy"], "macs": r["macs_per_image"],
+                      "reduction": r["mac_reduction"], "run": str(run),
+                      **({"exec_rates": r["exec_rates"]} if "exec_rates" in r else {})})
+
+    for path in (list(runs[:1]) if sweep is None else list(sweep)) if taus else []:
+        m, p = load_run(path, dev)
+        for row in threshold_sweep(m, loader, taus, executor="compact", progress=progress):
+            table.append({"series": f"τ sweep ({run_series(p)}, {Path(path).name})", "label": f"τ={row['tau']:g}",
+                          "accuracy": row["accuracy"], "macs": row["mean_macs"], "reduction": row["reduction_pct"],
+                          "run": str(path)})
+    source = load_run(random_from, dev)[0] if random_from else None
     for path in runs:
         m, p = load_run(path, dev)
         r = evaluate(m, loader, executor="compact")
-        table.append({"series": "SkipNet runs", "label": run_label(p), "accuracy": r["accuracy"],
-                      "macs": r["macs_per_image"], "reduction": r["mac_reduction"], "run": str(path)})
+        add(run_series(p), run_label(p), r, path)
+        if source is not None and m.is_gated:
+            for seed in range(random_seeds):
+                rr = random_skipping(source, loader, r["exec_rates"], seed=seed)
+                add(f"random skipping ({Path(random_from).name} weights)", f"as {run_label(p)}", rr, random_from)
     for path in plain:
         m, p = load_run(path, dev)
-        r = evaluate(m, loader)
-        table.append({"series": "plain ResNet", "label": run_label(p), "accuracy": r["accuracy"],
-                      "macs": r["macs_per_image"], "reduction": r["mac_reduction"], "run": str(path)})
+        add("plain ResNet", run_label(p), evaluate(m, loader), path)
     series: dict[str, list] = {}
     for row in table:
         series.setdefault(row["series"], []).append((row["macs"], row["accuracy"], row["label"]))
-    plot_tradeoff(series, out / "tradeoff.png", title=f"Accuracy vs compute on {test.name}")
+    plot_tradeoff(series, out / "tradeoff.png", title=title or f"Accuracy vs compute on {test.name}")
     files[0].write_text(json.dumps(table, indent=2))
+    files[1].write_text(sweep_markdown(table) + "\n\n![trade-off](tradeoff.png)\n")
+    return table
+
+
+def sweep_markdown(table: Sequence[dict[str, Any]]) -> str:
     lines = ["| series | point | top-1 (%) | MACs/image (M) | reduction vs plain (%) |", "|---|---|---|---|---|"]
     lines += [f"| {r['series']} | {r['label']} | {r['accuracy']:.2f} | {r['macs'] / 1e6:.2f} | {r['reduction']:.1f} |"
               for r in table]
-    files[1].write_text("\n".join(lines) + "\n\n![trade-off](tradeoff.png)\n")
-    return table
+    return "\n".join(lines)

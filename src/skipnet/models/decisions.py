@@ -30,13 +30,16 @@ def decide(
     tau: float = 0.5,
     fixed: Tensor | None = None,
     generator: torch.Generator | None = None,
+    explore: float = 0.0,
 ) -> tuple[Tensor, Tensor | None]:
     """Decide for one gate. ``logits``: (B,). Returns ``(g, log_prob)``, both (B,); ``log_prob`` is only
     given in ``sample`` mode (the log-probability of the sampled decision, differentiable w.r.t. the logits).
 
     * ``straight_through``: forward 1[p >= 0.5], gradient of p (``hard - p.detach() + p``);
     * ``soft``: g = p;
-    * ``sample``: g ~ Bernoulli(p), no gradient through g;
+    * ``sample``: g ~ Bernoulli(p), no gradient through g; with ``explore`` = eps > 0, g ~ Bernoulli(p') with
+      p' = (1 - eps) p + eps / 2 (bounded exploration: no gate's probability of either choice falls below
+      eps / 2), and ``log_prob`` is that of p', the policy that acted;
     * ``greedy``: 1[p >= tau], no gradient;
     * ``all`` / ``none``: 1 / 0;  ``fixed``: the given (B,) decisions.
     """
@@ -47,9 +50,16 @@ def decide(
     if mode == "soft":
         return torch.sigmoid(logits), None
     if mode == "sample":
+        if not 0.0 <= explore < 1.0:
+            raise ValueError(f"explore is a mixing weight in [0, 1); got {explore}")
+        if explore == 0.0:
+            with torch.no_grad():
+                g = torch.bernoulli(torch.sigmoid(logits), generator=generator)
+            return g, bernoulli_log_prob(logits, g)
+        p = (1.0 - explore) * torch.sigmoid(logits) + explore / 2  # in [eps/2, 1 - eps/2]: log is safe
         with torch.no_grad():
-            g = torch.bernoulli(torch.sigmoid(logits), generator=generator)
-        return g, bernoulli_log_prob(logits, g)
+            g = torch.bernoulli(p, generator=generator)
+        return g, g * torch.log(p) + (1.0 - g) * torch.log1p(-p)
     if mode == "greedy":
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"greedy threshold tau must lie in [0, 1], got {tau}")

@@ -55,10 +55,14 @@ class GateBank(nn.Module):
         """The layers gate ``index`` applies, in order (for compute accounting)."""
         raise NotImplementedError
 
-    def output_biases(self) -> list[nn.Parameter]:  # pragma: no cover
+    def output_layers(self) -> list[nn.Linear]:  # pragma: no cover
+        """Every layer that produces a logit (scaling them by 1/T sharpens or flattens every gate once)."""
+        raise NotImplementedError
+
+    def output_biases(self) -> list[nn.Parameter]:
         """The bias of every layer that produces a logit: adding d to all of them moves every gate's decision
         threshold by -d (what a compute controller steers)."""
-        raise NotImplementedError
+        return [layer.bias for layer in self.output_layers()]
 
     def host_stepper(self, x: Tensor, temperature: float = 1.0, tau: float | None = None) -> HostGateStepper | None:
         """A :class:`HostGateStepper` for one inference pass (no autograd) over the CPU batch ``x``
@@ -125,8 +129,8 @@ class FFGateBank(GateBank):
     def layers(self, index: int) -> list[nn.Module]:
         return [self.gates[index].features, self.gates[index].fc]
 
-    def output_biases(self) -> list[nn.Parameter]:
-        return [g.fc.bias for g in self.gates]
+    def output_layers(self) -> list[nn.Linear]:
+        return [g.fc for g in self.gates]
 
 
 class RNNGateBank(GateBank):
@@ -155,8 +159,8 @@ class RNNGateBank(GateBank):
     def layers(self, index: int) -> list[nn.Module]:
         return [self.proj[index], self.rnn, self.fc]
 
-    def output_biases(self) -> list[nn.Parameter]:
-        return [self.fc.bias]
+    def output_layers(self) -> list[nn.Linear]:
+        return [self.fc]
 
     def host_stepper(self, x: Tensor, temperature: float = 1.0, tau: float | None = None) -> HostGateStepper | None:
         cpu = x.device.type == "cpu"

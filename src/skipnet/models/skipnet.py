@@ -203,6 +203,7 @@ class SkipResNet(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         drop_rate: float = 0.0,
+        explore: float = 0.0,
     ) -> SkipNetOutput:
         """Run the network on ``x`` (B, C, H, W).
 
@@ -213,6 +214,8 @@ class SkipResNet(nn.Module):
         ``drop_rate`` (training, ``straight_through`` only): each image also skips each gated block with this
         probability whatever its gate says (stochastic depth on the gated blocks, drawn from ``generator``),
         so that the network learns to work without any one block; ``decisions`` then include those skips.
+        ``explore`` (mode ``sample``): bounded exploration, see :func:`~skipnet.models.decisions.decide`.
+        Gates run in float32 even under autocast (a bf16 probability above ~0.998 rounds to 1: no sampling).
         """
         self.check_input(x)
         batch = x.shape[0]
@@ -248,11 +251,17 @@ class SkipResNet(nn.Module):
         x = self.blocks[0](x)
         state = self.gates.init_state(x)
         probs, gs, log_probs = [], [], []
+        gate_autocast = torch.is_autocast_enabled(x.device.type)
         for i, block in enumerate(self.blocks[1:]):
-            logit, state = self.gates(x, i, state)  # (B,)
+            if gate_autocast:
+                with torch.autocast(x.device.type, enabled=False):
+                    logit, state = self.gates(x.float(), i, tuple(s.float() for s in state) if state else state)
+            else:
+                logit, state = self.gates(x, i, state)  # (B,)
             if temperature != 1.0:
                 logit = logit / temperature
-            g, lp = decide(logit, mode, tau=tau, fixed=None if fixed is None else fixed[:, i], generator=generator)
+            g, lp = decide(logit, mode, tau=tau, fixed=None if fixed is None else fixed[:, i], generator=generator,
+                           explore=explore)
             if drop_rate:
                 keep = torch.rand(batch, generator=generator, device=g.device) >= drop_rate
                 g = g * keep.to(g.dtype)

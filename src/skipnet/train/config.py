@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-STAGES = ("baseline", "sp", "hrl")
+STAGES = ("baseline", "sp", "hrl", "calibrate")
+SCHEDULES = ("step", "cosine")
 
 
 @dataclass(frozen=True)
@@ -57,16 +58,21 @@ class DataSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    stage: str = "sp"  # baseline | sp | hrl
+    stage: str = "sp"  # baseline | sp | hrl (the paper's hybrid REINFORCE) | calibrate (ours, not in the paper:
+    # a global threshold moved to a compute target while the backbone is fine-tuned; the gates stay frozen)
     init: str | None = None  # checkpoint or run folder to start from (HRL: the SP run); None = from scratch
     epochs: float = 1.0
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    milestones: tuple[float, ...] = ()  # in epochs; lr *= gamma at each
+    schedule: str = "step"  # step (lr *= gamma at each milestone) | cosine (from lr to 0, see below)
+    cosine_epochs: float | None = None  # length of the cosine (None: this stage's epochs). Two stages can share
+    cosine_start: float = 0.0  # one cosine: SP runs its first part, HRL starts at cosine_start = SP's epochs
+    milestones: tuple[float, ...] = ()  # in epochs; lr *= gamma at each (schedule step)
     gamma: float = 0.1
     warmup_steps: int = 0  # first steps at warmup_lr (the paper's ResNet-110: 400 at 0.01)
     warmup_lr: float = 0.01
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (every stage; HRL's returns use the same loss)
     drop_rate: float = 0.0  # SP: each image skips each gated block with this probability (stochastic depth),
     # so that the network works without any one block before a compute target asks it to skip some (the
     # baseline stage, a plain network, ignores it)
@@ -75,23 +81,25 @@ class TrainSection:
     beta: float = 1.0  # weight of the accuracy term in the returns
     rl_weight: float = 0.01
     rl_reduction: str = "sum"  # batch reduction of the REINFORCE term: sum (authors) | mean
-    temperature: float = 1.0  # gate logits divided by this during HRL sampling (ImageNet: 0.05 sharpens; > 1
-    # explores: the greedy decisions at tau 0.5 do not depend on it)
-    freeze_bn: bool = False  # keep BatchNorm statistics fixed during HRL
-    gate_gradient: str = "reinforce"  # reinforce (paper: sampled gates, REINFORCE) | straight_through (hard
-    # gates and cross-entropy as in SP, while a controller moves all gates' threshold to meet target_macs)
+    temperature: float = 1.0  # HRL from init: the gates' output layer is divided by this once, when the stage
+    # starts (the paper's ImageNet HRL: 0.05 sharpens the policy); saved with the weights
+    entropy: float = 0.0  # HRL: weight of a bonus on the gates' mean Bernoulli entropy (ours; keeps p graded)
+    explore: float = 0.0  # HRL: sample from p' = (1 - explore) p + explore / 2 (bounded exploration, ours)
+    freeze_bn: bool = False  # keep BatchNorm statistics fixed during HRL / calibrate
     cost: str = "uniform"  # C_j: uniform (paper: every block costs 1) | macs (relative block MACs, mean 1)
-    baseline: str = "none"  # none (paper) | ema (per-gate moving average of the returns)
+    baseline: str = "none"  # none (paper) | ema (per-gate moving average of the returns) | greedy (ours,
+    # self-critical: the returns of the same image's greedy path, from a second forward pass without gradients)
     skip_cap: float | None = None  # most skip reward per image, as a fraction of the gated blocks' cost
     baseline_momentum: float = 0.9
     gate_lr: float | None = None  # separate learning rate for gate parameters (None: lr; 0: frozen)
     gate_optimizer: str = "sgd"  # sgd | adam, for the gate parameters
-    target_macs: float | None = None  # greedy-inference MACs as a fraction of the plain network; alpha adapts
-    alpha_lr: float = 0.05  # controller step: alpha += alpha_lr * (measured fraction - target) per step
+    target_macs: float | None = None  # HRL: the policy's expected MACs as a fraction of the plain network,
+    # held by dual ascent on alpha (ours; None: alpha fixed, the paper). calibrate: greedy MACs to reach
+    alpha_lr: float = 0.05  # dual ascent: alpha += alpha_lr * (smoothed expected fraction - target) per step
     alpha_max: float = 10.0
     cost_ema: float = 0.9  # smoothing of the measured cost fed to the controller
-    target_ramp: float = 0.5  # straight_through: share of the stage over which the target falls to target_macs
-    threshold_gain: float = 0.2  # straight_through: share of the needed threshold shift taken per step
+    target_ramp: float = 0.5  # calibrate: share of the stage over which the target falls to target_macs
+    threshold_gain: float = 0.2  # calibrate: share of the needed threshold shift taken per step
     # --- evaluation and mechanics ---
     tau: float = 0.5  # greedy threshold for evaluation
     seed: int = 0
@@ -111,14 +119,24 @@ class TrainSection:
             raise ValueError(f"rl_reduction must be 'sum' or 'mean'; got {self.rl_reduction!r}")
         if self.cost not in ("uniform", "macs"):
             raise ValueError(f"cost must be 'uniform' or 'macs'; got {self.cost!r}")
-        if self.gate_gradient not in ("reinforce", "straight_through"):
-            raise ValueError(f"gate_gradient must be 'reinforce' or 'straight_through'; got {self.gate_gradient!r}")
-        if self.gate_gradient == "straight_through" and self.target_macs is None:
-            raise ValueError("gate_gradient 'straight_through' steers the compute to target_macs: set it")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}; got {self.schedule!r}")
+        length = self.epochs if self.cosine_epochs is None else self.cosine_epochs
+        if not (length > 0 and 0 <= self.cosine_start and self.cosine_start + self.epochs <= length + 1e-9):
+            raise ValueError(f"the stage (epochs {self.cosine_start:g} to {self.cosine_start + self.epochs:g} of "
+                             f"its cosine) must lie inside the cosine's {length:g} epochs")
+        if self.stage == "calibrate" and self.target_macs is None:
+            raise ValueError("stage 'calibrate' moves the threshold to target_macs: set it")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing lies in [0, 1); got {self.label_smoothing}")
+        if not self.entropy >= 0.0:
+            raise ValueError(f"entropy is a non-negative weight; got {self.entropy}")
+        if not 0.0 <= self.explore < 1.0:
+            raise ValueError(f"explore is a mixing weight in [0, 1); got {self.explore}")
         if not 0.0 <= self.target_ramp <= 1.0:
             raise ValueError(f"target_ramp is a share of the stage in [0, 1]; got {self.target_ramp}")
-        if self.baseline not in ("none", "ema"):
-            raise ValueError(f"baseline must be 'none' or 'ema'; got {self.baseline!r}")
+        if self.baseline not in ("none", "ema", "greedy"):
+            raise ValueError(f"baseline must be 'none', 'ema' or 'greedy'; got {self.baseline!r}")
         if self.gate_optimizer not in ("sgd", "adam"):
             raise ValueError(f"gate_optimizer must be 'sgd' or 'adam'; got {self.gate_optimizer!r}")
         if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
@@ -127,14 +145,14 @@ class TrainSection:
             raise ValueError(f"temperature must be positive; got {self.temperature}")
         if self.gate_lr is not None and not self.gate_lr >= 0:
             raise ValueError(f"gate_lr must be >= 0 (0 freezes the gates); got {self.gate_lr}")
-        if self.gate_lr == 0 and self.stage == "hrl" and self.gate_gradient == "reinforce":
-            raise ValueError("gate_lr 0 freezes the gates, which is all REINFORCE trains: use it with "
-                             "gate_gradient 'straight_through' (the threshold controller then moves the gates)")
+        if self.gate_lr == 0 and self.stage == "hrl":
+            raise ValueError("gate_lr 0 freezes the gates, which is all REINFORCE trains; the frozen-gate "
+                             "threshold mode is stage 'calibrate'")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate is a probability in [0, 1); got {self.drop_rate}")
-        if self.drop_rate and self.stage == "hrl":
+        if self.drop_rate and self.stage in ("hrl", "calibrate"):
             raise ValueError("drop_rate applies to the sp stage only (the baseline, without gates, ignores it); "
-                             "got stage 'hrl'")
+                             f"got stage {self.stage!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off; got {self.amp!r}")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -11,13 +11,17 @@ from ..models import SkipResNet
 
 
 def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, mode: str = "greedy",
-             tau: float = 0.5, executor: str = "masked", amp: str = "off", progress: bool = False) -> dict[str, Any]:
+             tau: float = 0.5, executor: str = "masked", amp: str = "off", progress: bool = False,
+             decisions: Callable[[int], torch.Tensor] | None = None) -> dict[str, Any]:
     """Top-1 accuracy (%), mean/std MACs per image (gates included), the plain ResNet's MACs
     (``dense_macs_per_image``), the reduction vs it (%), the authors' block fraction (%), and per-gate
-    execution rates. The model is put in eval mode."""
+    execution rates. The model is put in eval mode. ``decisions`` (mode ``fixed``): called with each batch's
+    size, returns that batch's (B, N) decisions."""
+    if (mode == "fixed") != (decisions is not None):
+        raise ValueError("mode 'fixed' goes with decisions (a function of the batch size), and only it")
     from tqdm.auto import tqdm
 
-    from .trainer import autocast
+    from .device import autocast
 
     model.eval()
     device = next(model.parameters()).device
@@ -27,7 +31,12 @@ def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tens
     size = None
     with torch.inference_mode(), autocast(device, amp):
         for x, y in tqdm(batches, disable=not progress, desc="eval", unit="batch", leave=False):
-            out = model(x, mode, tau=tau, executor=executor) if model.is_gated else model(x)
+            if not model.is_gated:
+                out = model(x)
+            elif decisions is not None:
+                out = model(x, mode, decisions=decisions(x.shape[0]), executor=executor)
+            else:
+                out = model(x, mode, tau=tau, executor=executor)
             correct += int((out.logits.argmax(1) == y).sum())
             total += y.shape[0]
             macs.append(out.macs.cpu())
@@ -52,3 +61,22 @@ def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tens
         "mode": mode if model.is_gated else "plain",
         "tau": tau,
     }
+
+
+def random_skipping(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    rates: list[float] | torch.Tensor, *, seed: int = 0, executor: str = "compact",
+                    progress: bool = False) -> dict[str, Any]:
+    """The paper's random-skipping baseline (its "stochastic-depth variant"): every image runs gated block i
+    with probability ``rates[i]``, independently of the image, on the given weights. Same result dictionary
+    as :func:`evaluate`; match ``rates`` to a SkipNet's per-block execution rates to compare at equal MACs."""
+    rates = torch.as_tensor(rates, dtype=torch.float32).flatten()
+    if rates.numel() != model.num_gates or not bool(((rates >= 0) & (rates <= 1)).all()):
+        raise ValueError(f"rates must be {model.num_gates} probabilities in [0, 1]; got {rates.tolist()}")
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(batch: int) -> torch.Tensor:
+        return torch.bernoulli(rates.expand(batch, -1), generator=g)
+
+    result = evaluate(model, batches, mode="fixed", executor=executor, decisions=draw, progress=progress)
+    result["mode"] = "random"
+    return result

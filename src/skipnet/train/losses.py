@@ -58,8 +58,7 @@ class HRLLoss:
 
 
 def hrl_loss(
-    logits: Tensor,
-    labels: Tensor,
+    ce: Tensor,
     log_probs: Tensor,
     decisions: Tensor,
     *,
@@ -73,19 +72,22 @@ def hrl_loss(
 ) -> HRLLoss:
     """The hybrid objective for one batch.
 
-    ``logits`` (B, K), ``labels`` (B,), ``log_probs`` (B, N) of the sampled ``decisions`` (B, N).
+    ``ce`` (B,): each image's cross-entropy on its sampled path (differentiable: its mean trains the
+    backbone; detached, it enters the returns); ``log_probs`` (B, N) of the sampled ``decisions`` (B, N).
     ``reduction``: how the per-image REINFORCE terms are combined over the batch -- ``"sum"`` (the
     authors' code: with ``rl_weight=0.01`` at batch 128 this equals ``"mean"`` with weight 1.28) or ``"mean"``.
-    ``baseline``: per-gate baseline (N,) subtracted from the returns (variance reduction; None = paper).
+    ``baseline``: subtracted from the returns, per gate (N,) or per image and gate (B, N) (variance
+    reduction; it must not depend on the sampled decisions; None = the paper).
     ``cap``: the most skip reward one image can earn (see :func:`per_gate_returns`; None = paper).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
     if log_probs.shape != decisions.shape:
         raise ValueError(f"log_probs {tuple(log_probs.shape)} and decisions {tuple(decisions.shape)} differ")
-    ce = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+    if ce.dim() != 1:
+        raise ValueError(f"expected the per-image losses ce (B,); got {tuple(ce.shape)}")
     returns = per_gate_returns(ce, decisions, alpha=alpha, beta=beta, costs=costs, cap=cap)  # (B, N)
-    advantages = returns if baseline is None else returns - baseline.to(returns).unsqueeze(0)
+    advantages = returns if baseline is None else returns - baseline.to(returns).expand_as(returns)
     per_image = -(advantages.detach() * log_probs).sum(1)  # (B,): each image's own returns x log-probs
     reinforce = per_image.sum() if reduction == "sum" else per_image.mean()
     ce_mean = ce.mean()

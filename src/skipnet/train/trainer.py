@@ -1,14 +1,14 @@
-"""The training loop for every stage (baseline, SP, HRL), with safe run folders and exact resume.
+"""The training loop for every stage, read top to bottom: :func:`train` sets a run up, :func:`train_one_epoch`
+runs the steps, :func:`~skipnet.train.evaluate.evaluate` measures.
 
-``train(config, run_dir)`` wires things together; the per-step work is in :func:`train_step`, which calls the
-pure losses of :mod:`.losses`. Runs on one device, or on several under ``torchrun`` (DDP: each rank takes its
+What a step computes belongs to the stage object (:mod:`.stages`); the run folder (config, metrics,
+checkpoints) to :mod:`.runs`. Runs on one device, or on several under ``torchrun`` (DDP: each rank takes its
 slice of every global batch; rank 0 writes the run folder).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -23,85 +23,36 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..cost import MacTable
 from ..data import BatchLoader, ImageData, load_dataset
 from ..models import SkipResNet, create_model
-from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint, load_state, save_checkpoint
-from .config import RunConfig, write_config
+from .checkpoint import build_model_from_checkpoint, load_checkpoint, load_state
+from .config import RunConfig
+from .device import autocast, resolve_device
 from .evaluate import evaluate
-from .hrl import AlphaController, GateBaseline, ThresholdController
-from .losses import hrl_loss, sp_loss
+from .runs import NonFiniteLossError, RunExistsError, RunFolder, prefixed, prepare_run_dir
+from .stages import Stage, make_stage
 
 log = logging.getLogger(__name__)
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped and its last good checkpoint was kept."""
+__all__ = ["Interrupted", "NonFiniteLossError", "RunExistsError", "train", "train_one_epoch", "lr_at"]
 
 
 class Interrupted(RuntimeError):
     """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
 
 
-class RunExistsError(FileExistsError):
-    """The run folder exists already; pass overwrite or resume."""
-
-
-# --- set-up ---------------------------------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
-
-
 def lr_at(step: int, steps_per_epoch: int, cfg) -> float:
-    """The backbone learning rate at a global step: step decay at ``milestones`` (epochs), optional warm-up."""
+    """The backbone learning rate at a global step of the stage: warm-up, then step decay at ``milestones``
+    (epochs) or a cosine from ``lr`` to 0 over ``cosine_epochs`` (default: the stage), of which the stage
+    runs the part from ``cosine_start``."""
     if step < cfg.warmup_steps:
         return cfg.warmup_lr
+    if cfg.schedule == "cosine":
+        length = (cfg.epochs if cfg.cosine_epochs is None else cfg.cosine_epochs) * steps_per_epoch
+        t = (cfg.cosine_start * steps_per_epoch + step - cfg.warmup_steps) / max(length - cfg.warmup_steps, 1)
+        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
     passed = sum(1 for m in cfg.milestones if step >= round(m * steps_per_epoch))
     return cfg.lr * cfg.gamma**passed
-
-
-def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    backbone = [p for n, p in model.named_parameters() if not n.startswith("gates.")]
-    gates = [p for n, p in model.named_parameters() if n.startswith("gates.")]
-    return backbone, gates
-
-
-def controlled_threshold(cfg) -> bool:
-    return cfg.stage == "hrl" and cfg.gate_gradient == "straight_through"
-
-
-def build_optimizers(model: nn.Module, cfg) -> list[torch.optim.Optimizer]:
-    """SGD (momentum, weight decay on all parameters); the gates may get their own lr or Adam, or stay as they
-    are (``gate_lr`` 0: their parameters also stop requiring gradients, so none are computed, kept or
-    all-reduced; the gradient through the gates still reaches the backbone). Under a threshold controller the
-    gates' output biases belong to the controller, not to an optimiser."""
-    backbone, gates = split_params(model)
-    if cfg.gate_lr == 0:
-        for p in gates:
-            p.requires_grad_(False)
-        gates = []
-    if controlled_threshold(cfg):
-        held = {id(b) for b in model.gates.output_biases()}
-        gates = [p for p in gates if id(p) not in held]
-    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    groups = [{"params": backbone, "lr": cfg.lr, "role": "backbone"}]
-    if gates and cfg.gate_optimizer == "adam":
-        return [torch.optim.SGD(groups, lr=cfg.lr, **sgd),
-                torch.optim.Adam([{"params": gates, "lr": cfg.gate_lr or cfg.lr, "role": "gates"}])]
-    if gates:
-        groups.append({"params": gates, "lr": cfg.gate_lr or cfg.lr, "role": "gates"})
-    return [torch.optim.SGD(groups, lr=cfg.lr, **sgd)]
 
 
 def set_lrs(optimizers: list[torch.optim.Optimizer], lr: float, cfg) -> None:
@@ -112,124 +63,12 @@ def set_lrs(optimizers: list[torch.optim.Optimizer], lr: float, cfg) -> None:
             group["lr"] = lr if scheduled else cfg.gate_lr
 
 
-def freeze_batchnorm(model: nn.Module) -> None:
-    """Use and keep the running BatchNorm statistics (call after ``model.train()``)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
-def block_costs(table: MacTable, kind: str) -> torch.Tensor:
-    """C_j per gate: ones (the paper), or each block's saved MACs relative to the mean (mean 1)."""
-    if kind == "uniform":
-        return torch.ones(table.num_gates)
-    saved = block_savings(table)
-    return (saved / saved.mean()).float()
-
-
-def block_savings(table: MacTable) -> torch.Tensor:
-    """MACs saved per image by skipping each gated block (N,): F_i - S_i."""
-    return torch.tensor([f - s for f, s in zip(table.block_full, table.block_skip)], dtype=torch.float64)
-
-
 def step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
     """The RNG of one step's gate sampling, a function of (seed, step, rank): resume needs no RNG state."""
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step) * 1009 + rank)
     return g
 
-
-# --- the step -------------------------------------------------------------------------------------------------
-
-@dataclass
-class StageState:
-    """Everything besides the model and the optimisers that the loop carries from step to step."""
-
-    controller: AlphaController | None = None
-    threshold: ThresholdController | None = None
-    baseline: GateBaseline | None = None
-    costs: torch.Tensor | None = None
-    dense_macs: float = 1.0
-    table: MacTable | None = None
-    savings: tuple[torch.Tensor, float] | None = None  # threshold controller: saved MACs per block, base cost
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def new_stage_state(cfg, table: MacTable, total_steps: int, device: torch.device) -> StageState:
-    """The controllers, baseline and costs the stage ``cfg`` needs, fresh."""
-    state = StageState(dense_macs=float(table.plain), table=table)
-    if controlled_threshold(cfg):
-        state.savings = (block_savings(table) / table.plain,
-                         float(table.per_image(torch.zeros(1, table.num_gates))[0]) / table.plain)
-        state.threshold = ThresholdController(cfg.target_macs, round(cfg.target_ramp * total_steps), cfg.threshold_gain)
-    elif cfg.stage == "hrl":
-        state.controller = AlphaController(cfg.alpha, cfg.target_macs, cfg.alpha_lr, cfg.alpha_max, cfg.cost_ema)
-        state.baseline = GateBaseline(cfg.baseline_momentum) if cfg.baseline == "ema" else None
-        state.costs = block_costs(table, cfg.cost).to(device)
-    return state
-
-
-def update_controllers(model: nn.Module, state: StageState, stats: dict[str, torch.Tensor],
-                       gate_logits: torch.Tensor | None, world: int = 1) -> None:
-    """After an optimiser step: the α controller sees the step's cost; the threshold controller moves the
-    gates' output biases. Under DDP every rank first takes the global mean cost (and baseline) and the mean
-    shift, so that all ranks stay identical."""
-    if world > 1:  # every rank's controller and baseline see the same global numbers
-        _all_mean(stats["macs"])
-        if "greedy_macs" in stats:
-            _all_mean(stats["greedy_macs"])
-        if state.baseline is not None and state.baseline.value is not None:
-            _all_mean(state.baseline.value)
-    if state.controller is not None:
-        state.controller.update(float(stats["greedy_macs"]))
-    if state.threshold is not None:
-        shift = state.threshold.update(float(stats["greedy_macs"]), gate_logits, *state.savings)
-        if world > 1:  # each rank saw its own slice: all take the mean shift
-            shift_t = torch.tensor(shift, dtype=torch.float64, device=stats["macs"].device)
-            _all_mean(shift_t)
-            state.threshold.offset += float(shift_t) - shift  # the offset is what was applied
-            shift = float(shift_t)
-        with torch.no_grad():
-            for bias in model.gates.output_biases():
-                bias.add_(shift)
-
-
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, state: StageState,
-               generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward + loss. Returns the loss to backpropagate and detached statistics."""
-    if controlled_threshold(cfg):
-        out = model(x, "straight_through")  # the decisions greedy inference takes; the threshold does the rest
-        total = sp_loss(out.logits, y)
-    elif cfg.stage == "hrl":
-        out = model(x, "sample", temperature=cfg.temperature, generator=generator)
-        loss = hrl_loss(out.logits, y, out.log_probs, out.decisions, alpha=state.controller.alpha, beta=cfg.beta,
-                        rl_weight=cfg.rl_weight, reduction=cfg.rl_reduction, costs=state.costs,
-                        baseline=None if state.baseline is None else state.baseline.value, cap=cfg.skip_cap)
-        if state.baseline is not None:
-            state.baseline.update(loss.returns)
-        total = loss.total
-    else:
-        out = (model(x, "straight_through", drop_rate=cfg.drop_rate, generator=generator) if cfg.stage == "sp"
-               else model(x))
-        total = sp_loss(out.logits, y)
-    stats = {
-        "loss": total.detach(),
-        "correct": (out.logits.argmax(1) == y).sum().detach(),
-        "exec": out.decisions.mean().detach(),
-        "macs": (out.macs.mean() / state.dense_macs).detach(),
-    }
-    if cfg.stage == "hrl":
-        # What inference (greedy, tau 0.5) would spend at these gate inputs: the controller steers this one,
-        # so that an exploration temperature does not distort the compute target.
-        greedy = (out.probs.detach() >= 0.5).to(out.macs.dtype)
-        stats["greedy_macs"] = (state.table.per_image(greedy).mean() / state.dense_macs).detach()
-    if controlled_threshold(cfg):
-        # for the threshold controller (float32 probabilities saturate beyond |logit| ~ 17: far from any threshold)
-        stats["logits"] = torch.logit(out.probs.detach().double()).clamp(-30.0, 30.0)
-    return total, stats
-
-
-# --- the run --------------------------------------------------------------------------------------------------
 
 class _StopFlag:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
@@ -250,23 +89,6 @@ class _StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-
-
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    if resume:
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise CheckpointError(f"nothing to resume in {run_dir}: no checkpoints/last.pt")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunExistsError(
-                f"run folder {run_dir} exists and is not empty; choose another --run-dir, --resume it, "
-                "or pass --overwrite to replace it"
-            )
-        import shutil
-
-        shutil.rmtree(run_dir)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
 
 def load_data(cfg: RunConfig) -> tuple[ImageData, ImageData]:
@@ -354,6 +176,17 @@ def init_from(model: SkipResNet, path: str) -> None:
     load_state(model, state, path)
 
 
+def sharpen_gates(model: SkipResNet, temperature: float) -> None:
+    """Divide the gates' output layers by ``temperature`` once (the paper's ImageNet HRL: 0.05 sharpens the
+    policy when the stage starts). The change is in the weights, so checkpoints carry it."""
+    if temperature == 1.0 or model.gates is None:
+        return
+    with torch.no_grad():
+        for layer in model.gates.output_layers():
+            layer.weight.div_(temperature)
+            layer.bias.div_(temperature)
+
+
 def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -361,12 +194,99 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def _metrics_writer(path: Path, keep_until_step: int | None) -> Any:
-    if keep_until_step is not None and path.exists():  # resume: drop lines written after the checkpoint
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
-        path.write_text("".join(ln + "\n" for ln in kept))
-    return path.open("a")
+# --- the loop -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Schedule:
+    """Where the loop is and when it writes: steps are global (over epochs), ``stop_at`` <= ``total``."""
+
+    steps_per_epoch: int
+    total: int
+    stop_at: int
+    log_every: int
+    checkpoint_every: int
+    eval_every: int | None  # steps, or None: only at the end
+
+
+@dataclass
+class Window:
+    """Statistics summed over the steps since the last metric line."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    images: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, stats: dict[str, torch.Tensor], images: int) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.steps += 1
+        self.images += images
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / max(self.steps, 1)
+
+    def images_per_s(self, world: int) -> float:
+        return self.images * world / max(time.perf_counter() - self.start, 1e-9)
+
+    def record(self, step: int, sched: Schedule, lr: float, world: int) -> dict[str, Any]:
+        rec = {"step": step, "epoch": step / sched.steps_per_epoch, "lr": lr, "loss": self.mean("loss"),
+               "train_acc": 100 * self.sums["correct"] / max(self.images, 1), "exec_rate": self.mean("exec"),
+               "mac_fraction": self.mean("macs"), "images_per_s": self.images_per_s(world)}
+        for key in ("expected_macs", "greedy_macs"):
+            if key in self.sums:
+                rec[key.replace("macs", "mac_fraction")] = self.mean(key)
+        return rec
+
+
+def train_one_epoch(net: nn.Module, model: SkipResNet, stage: Stage, optimizers: list[torch.optim.Optimizer],
+                    batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step: int, sched: Schedule, *,
+                    folder: RunFolder, stop: _StopFlag, test_loader: Any, bar: Any, rank: int = 0,
+                    world: int = 1) -> int:
+    """Run the steps of one epoch (from ``step``, a global step, until the epoch or ``sched.stop_at`` ends);
+    log, checkpoint and evaluate on the way. Returns the global step reached."""
+    cfg = stage.cfg
+    device = next(model.parameters()).device
+    window = Window()
+    stage.train_mode(net)
+    for x, y in batches:
+        lr = lr_at(step, sched.steps_per_epoch, cfg)
+        set_lrs(optimizers, lr, cfg)
+        gen = step_generator(device, cfg.seed, step, rank) if stage.draws_random else None
+        with autocast(device, cfg.amp):
+            loss, stats = stage.loss(net, x, y, gen)
+        if not torch.isfinite(stats["loss"]):
+            raise NonFiniteLossError(f"non-finite loss ({stats['loss'].item()}) at step {step}; stopped. The last "
+                                     f"good checkpoint is {folder.path / 'checkpoints' / 'last.pt'} -- lower the "
+                                     "learning rate")
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        step += 1
+        stage.after_step(stats)
+        window.add(stats, x.shape[0])
+        bar.update(1)
+        bar.set_postfix(img_s=f"{window.images_per_s(world):.0f}", loss=f"{window.mean('loss'):.3f}",
+                        acc=f"{100 * window.sums['correct'] / max(window.images, 1):.1f}",
+                        skip=f"{100 * (1 - window.mean('exec')):.0f}%", refresh=False)
+        if step % sched.log_every == 0 or step == sched.stop_at:
+            folder.emit({**window.record(step, sched, lr, world), **stage.log_fields()})
+            window = Window()
+        if stop.signal is not None:
+            folder.checkpoint(model, optimizers, stage, step, finished=False)
+            raise Interrupted(f"stopped by signal {stop.signal} at step {step}; checkpoint written, continue "
+                              f"with --resume {folder.path}")
+        if step % sched.checkpoint_every == 0 or step % sched.steps_per_epoch == 0:
+            folder.checkpoint(model, optimizers, stage, step, finished=False)
+        if sched.eval_every and step % sched.eval_every == 0 and step < sched.stop_at and rank == 0:
+            result = evaluate(model, test_loader, tau=cfg.tau, amp=cfg.amp, progress=False)
+            folder.emit({"step": step, "epoch": step / sched.steps_per_epoch, **prefixed(result, "test_")})
+            stage.train_mode(net)
+        if step >= sched.stop_at:
+            break
+    return step
 
 
 def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -387,23 +307,25 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
     if world > 1:
         dist.barrier()
 
+    # the data, the model, the stage and its optimisers
     loader, test_loader, info = make_loaders(config, device, rank, world, data)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
     model = build_model(config, info["num_classes"], info["in_channels"])
     if cfg.init and not resume:
         init_from(model, cfg.init)
+        if cfg.stage == "hrl":
+            sharpen_gates(model, cfg.temperature)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizers = build_optimizers(model, cfg)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"the training set gives no full batch of {config.data.batch_size // world} images per "
                          "process: lower data.batch_size")
-    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-    table = model.mac_table(info["image_size"])
-    state = new_stage_state(cfg, table, total_steps, device)
-    random_gates = cfg.stage == "hrl" or cfg.drop_rate > 0  # steps draw from step_generator
+    total = math.ceil(cfg.epochs * steps_per_epoch)
+    stage = make_stage(cfg, model, model.mac_table(info["image_size"]), total, device, world)
+    optimizers = stage.build_optimizers()
+
     step = 0
     if resume:
         payload = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
@@ -411,136 +333,35 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
         for opt, s in zip(optimizers, payload["optimizers"]):
             opt.load_state_dict(s)
         step = int(payload["step"])
-        if state.controller is not None:
-            state.controller.load_state_dict(payload["controller"])
-        if state.threshold is not None:
-            state.threshold.load_state_dict(payload["threshold"])
-        if state.baseline is not None:
-            state.baseline.load_state_dict(payload["baseline"], device)
+        stage.load_state_dict(payload.get("stage") or {})
         torch.set_rng_state(payload["rng_cpu"])
         log.info("resumed %s at step %d", run_dir, step)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def checkpoint(finished: bool = False) -> None:
-        if rank != 0:
-            return
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise NonFiniteLossError(
-                f"parameters became non-finite at step {step}; stopped without saving them. The last good "
-                f"checkpoint is {run_dir / 'checkpoints' / 'last.pt'} -- lower the learning rate")
-        save_checkpoint(run_dir / "checkpoints" / "last.pt", {
-            "model_config": model.config.to_dict(), "run_config": config.to_dict(), "model": model.state_dict(),
-            "optimizers": [o.state_dict() for o in optimizers], "step": step, "finished": finished,
-            "controller": None if state.controller is None else state.controller.state_dict(),
-            "threshold": None if state.threshold is None else state.threshold.state_dict(),
-            "baseline": None if state.baseline is None else state.baseline.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-        })
-
-    metrics = None
-    if rank == 0:
-        write_config(config, run_dir / "config.yaml")
-        metrics = _metrics_writer(run_dir / "metrics.jsonl", step if resume else None)
-
-    def emit(record: dict[str, Any]) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-
-    eval_steps = max(1, round(cfg.eval_every * steps_per_epoch)) if cfg.eval_every > 0 else None
-    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
-    bar = tqdm(total=stop_at, initial=step, disable=not progress or rank != 0, unit="step",
+    folder = RunFolder(run_dir if rank == 0 else None, config, resumed_at=step if resume else None)
+    sched = Schedule(steps_per_epoch, total, total if max_steps is None else min(total, max_steps),
+                     cfg.log_every, cfg.checkpoint_every,
+                     max(1, round(cfg.eval_every * steps_per_epoch)) if cfg.eval_every > 0 else None)
+    bar = tqdm(total=sched.stop_at, initial=step, disable=not progress or rank != 0, unit="step",
                desc=f"{cfg.stage} {model.config.arch}-{model.config.depth}", dynamic_ncols=True)
-    window: dict[str, float] = {}
-    window_images, window_start = 0, time.perf_counter()
     try:
         with _StopFlag() as stop:
-            while step < stop_at:
+            while step < sched.stop_at:
                 epoch, in_epoch = divmod(step, steps_per_epoch)
-                net.train()
-                if cfg.stage == "hrl" and cfg.freeze_bn:
-                    freeze_batchnorm(net)
-                for x, y in loader.epoch(epoch, start_step=in_epoch):
-                    set_lrs(optimizers, lr_at(step, steps_per_epoch, cfg), cfg)
-                    gen = step_generator(device, cfg.seed, step, rank) if random_gates else None
-                    with autocast(device, cfg.amp):
-                        loss, stats = train_step(net, x, y, cfg, state, gen)
-                    gate_logits = stats.pop("logits", None)
-                    if not torch.isfinite(stats["loss"]):
-                        raise NonFiniteLossError(
-                            f"non-finite loss ({stats['loss'].item()}) at step {step}; stopped. The last good "
-                            f"checkpoint is {run_dir / 'checkpoints' / 'last.pt'} -- lower the learning rate")
-                    for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for opt in optimizers:
-                        opt.step()
-                    step += 1
-                    update_controllers(model, state, stats, gate_logits, world)
-                    for k, v in stats.items():
-                        window[k] = window.get(k, 0.0) + float(v)
-                    window["n"] = window.get("n", 0) + 1
-                    window_images += x.shape[0]
-                    elapsed = time.perf_counter() - window_start
-                    bar.update(1)
-                    bar.set_postfix(img_s=f"{window_images * world / max(elapsed, 1e-9):.0f}",
-                                    loss=f"{window['loss'] / window['n']:.3f}",
-                                    acc=f"{100 * window['correct'] / max(window_images, 1):.1f}",
-                                    skip=f"{100 * (1 - window['exec'] / window['n']):.0f}%", refresh=False)
-                    if step % cfg.log_every == 0 or step == stop_at:
-                        rec = {"step": step, "epoch": step / steps_per_epoch,
-                               "lr": lr_at(step - 1, steps_per_epoch, cfg), "loss": window["loss"] / window["n"],
-                               "train_acc": 100 * window["correct"] / max(window_images, 1),
-                               "exec_rate": window["exec"] / window["n"], "mac_fraction": window["macs"] / window["n"],
-                               "images_per_s": window_images * world / max(elapsed, 1e-9)}
-                        if state.controller is not None:
-                            rec["alpha"] = state.controller.alpha
-                        if state.threshold is not None:
-                            rec["target_mac_fraction"] = state.threshold.target_now()
-                            rec["threshold_offset"] = state.threshold.offset
-                        if "greedy_macs" in window:
-                            rec["greedy_mac_fraction"] = window["greedy_macs"] / window["n"]
-                        emit(rec)
-                        window, window_images, window_start = {}, 0, time.perf_counter()
-                    if stop.signal is not None:
-                        checkpoint()
-                        raise Interrupted(f"stopped by signal {stop.signal} at step {step}; checkpoint written, "
-                                          f"continue with --resume {run_dir}")
-                    if step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0:
-                        checkpoint()
-                    if eval_steps and step % eval_steps == 0 and step < stop_at and rank == 0:
-                        result = evaluate(model, test_loader, tau=cfg.tau, amp=cfg.amp, progress=False)
-                        emit({"step": step, "epoch": step / steps_per_epoch, **_prefixed(result, "test_")})
-                        net.train()
-                        if cfg.stage == "hrl" and cfg.freeze_bn:
-                            freeze_batchnorm(net)
-                    if step >= stop_at:
-                        break
-        checkpoint(finished=step >= total_steps)
+                step = train_one_epoch(net, model, stage, optimizers, loader.epoch(epoch, start_step=in_epoch),
+                                       step, sched, folder=folder, stop=stop, test_loader=test_loader, bar=bar,
+                                       rank=rank, world=world)
+        folder.checkpoint(model, optimizers, stage, step, finished=step >= total)
     finally:
         bar.close()
-        if metrics is not None:
-            metrics.close()
+        folder.close()
     result: dict[str, Any] = {}
     if rank == 0:
         result = evaluate(model, test_loader, tau=cfg.tau, amp=cfg.amp, progress=progress)
         result.update(step=step, epochs=step / steps_per_epoch)
-        emit_final = {"step": step, "epoch": step / steps_per_epoch, **_prefixed(result, "test_")}
-        with (run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(emit_final) + "\n")
-        (run_dir / "final.json").write_text(json.dumps(result, indent=2))
+        folder.finish(result)
     if world > 1:
         dist.barrier()
     return result
-
-
-def _all_mean(t: torch.Tensor) -> None:
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-
-
-def _prefixed(d: dict[str, Any], prefix: str) -> dict[str, Any]:
-    return {prefix + k: v for k, v in d.items() if not isinstance(v, (list, dict))}
-

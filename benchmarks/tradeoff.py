@@ -1,0 +1,127 @@
+"""The evidence for (or against) SkipNet at one training budget: every alternative a user has, trained and
+measured by the same recipe for the same total epochs, on one plot and one table.
+
+    python benchmarks/tradeoff.py --data fashion_mnist            # about 40 minutes on 2 CPU cores
+
+Trains (or, when a run folder is already complete, reuses; an interrupted one is resumed):
+  * the plain ResNets of several depths (the static line), for the SkipNet's total epochs (SP + HRL);
+  * the SkipNet: SP, then learned HRL (REINFORCE, ours) at several expected-MAC targets, one target with
+    three seeds from the same SP checkpoint;
+  * the HRL stage with the paper's objective, and the calibrate stage (ours: global threshold + fine-tuning),
+    from the same SP checkpoint;
+and evaluates the tau sweeps of the SP and HRL networks and random skipping at each HRL run's per-block rates
+on the SP weights (the paper's stochastic-depth variant). Writes ``docs/tradeoff/<data>/`` (sweep.json with
+the epochs and date of every row, sweep.md, tradeoff.png) and prints the table; the demo reads its plain
+ResNet reference from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from skipnet.reporting import make_sweep
+from skipnet.train import load_checkpoint, load_config, train
+from skipnet.train.trainer import load_data
+
+PLANS = {
+    "fashion_mnist": {
+        "baseline": "fashion_mnist_baseline", "sp": "fashion_mnist_sp", "hrl": "fashion_mnist_hrl",
+        "hrl_paper": "fashion_mnist_hrl_paper", "calibrate": "fashion_mnist_calibrate",
+        "plain": ["cifar_resnet8", "cifar_resnet14", "cifar_resnet20"],
+        "targets": [0.5, 0.6, 0.7], "seeds_at": 0.6, "seeds": [1, 2],
+        "taus": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    },
+}
+
+
+def finished(run: Path) -> bool:
+    ckpt = run / "checkpoints" / "last.pt"
+    return (run / "final.json").is_file() and ckpt.is_file() and bool(load_checkpoint(ckpt).get("finished"))
+
+
+def run_stage(recipe: str, run: Path, overrides: list[str], data, log: list[dict]) -> Path:
+    """Train ``recipe`` into ``run`` unless it is complete there; resume it when it was interrupted."""
+    if finished(run):
+        print(f"[reuse] {run}", flush=True)
+        return run
+    resume = (run / "checkpoints" / "last.pt").is_file()
+    config = load_config(recipe, overrides)
+    print(f"[{'resume' if resume else 'train'}] {recipe} {' '.join(overrides)} -> {run}", flush=True)
+    start = time.perf_counter()
+    if resume:
+        from skipnet.train.config import build_config, read_recipe
+
+        config = build_config(read_recipe(run / "config.yaml"))
+    result = train(config, run, resume=resume, overwrite=not resume, progress=False, data=data)
+    log.append({"run": str(run), "recipe": recipe, "overrides": overrides, "seconds": time.perf_counter() - start,
+                "accuracy": result["accuracy"], "mac_reduction": result["mac_reduction"]})
+    print(f"  {result['accuracy']:.2f}% at {result['mac_reduction']:.1f}% fewer MACs "
+          f"({time.perf_counter() - start:.0f}s)", flush=True)
+    return run
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="fashion_mnist", choices=sorted(PLANS), help="which plan to run")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the standard place)")
+    p.add_argument("--runs", default=None, help="folder for the runs (default: runs/tradeoff-<data>)")
+    p.add_argument("--out", default=None, help="results folder (default: docs/tradeoff/<data>)")
+    args = p.parse_args()
+    plan = PLANS[args.data]
+    runs = Path(args.runs or f"runs/tradeoff-{args.data}")
+    out = Path(args.out or f"docs/tradeoff/{args.data}")
+    root = [f"data.root={args.data_root}"] if args.data_root else []
+    start = time.perf_counter()
+
+    sp_cfg = load_config(plan["sp"], root)
+    hrl_cfg = load_config(plan["hrl"], root)
+    total = sp_cfg.train.epochs + hrl_cfg.train.epochs
+    data = load_data(sp_cfg)
+    log: list[dict] = []
+
+    plain = [run_stage(plan["baseline"], runs / f"plain-{name.removeprefix('cifar_')}",
+                       root + [f"model.name={name}", f"train.epochs={total}"], data, log) for name in plan["plain"]]
+    sp = run_stage(plan["sp"], runs / "sp", root, data, log)
+    init = [f"train.init={sp}"]
+    hrl = [run_stage(plan["hrl"], runs / f"hrl-t{t:g}", root + init + [f"train.target_macs={t}"], data, log)
+           for t in plan["targets"]]
+    seeds = [run_stage(plan["hrl"], runs / f"hrl-t{plan['seeds_at']:g}-seed{s}",
+                       root + init + [f"train.target_macs={plan['seeds_at']}", f"train.seed={s}"], data, log)
+             for s in plan["seeds"]]
+    paper = run_stage(plan["hrl_paper"], runs / "hrl-paper", root + init, data, log)
+    calibrate = [run_stage(plan["calibrate"], runs / f"calibrate-t{t:g}", root + init + [f"train.target_macs={t}"],
+                           data, log) for t in plan["targets"][:2]]
+
+    swept = runs / "sweep"
+    table = make_sweep([str(r) for r in hrl + seeds + [paper] + calibrate], plain=[str(r) for r in plain],
+                       taus=plan["taus"], sweep=[str(sp), str(hrl[len(hrl) // 2])], random_from=str(sp),
+                       out=swept, overwrite=True, data_root=args.data_root,
+                       title=f"{args.data}: {total:g} epochs in all, every series trained by us")
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    machine = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
+    for row in table:
+        row.update(epochs=total, date=date)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(table, indent=2))
+    shutil.copy(swept / "tradeoff.png", out / "tradeoff.png")
+    command = "python benchmarks/tradeoff.py " + " ".join(sys.argv[1:])
+    (out / "sweep.md").write_text(
+        f"Command: `{command}` -- {date}, {machine}, {time.perf_counter() - start:.0f} s in all.\n"
+        f"Every series trained by the same recipe family for {total:g} epochs in all (SkipNet: SP "
+        f"{sp_cfg.train.epochs:g} + stage 2 {hrl_cfg.train.epochs:g}).\n\n"
+        + (swept / "sweep.md").read_text())
+    (out / "runs.json").write_text(json.dumps(log, indent=2))
+    print((out / "sweep.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,289 @@
+"""One object per training stage: what a step computes, which parameters train, and what the stage carries.
+
+* :class:`SupervisedStage` -- ``baseline`` (the plain ResNet) and ``sp`` (SPEC §5 stage 1: straight-through
+  gates, cross-entropy, optional random block skips).
+* :class:`ReinforceStage` -- ``hrl`` (SPEC §5 stage 2): gates sampled, the backbone trained by cross-entropy on
+  the sampled path, the gates by the REINFORCE part of the hybrid objective. With the defaults it is the
+  paper's objective; ``explore``, ``baseline: greedy`` and ``target_macs`` (dual ascent on alpha) are ours.
+* :class:`CalibrateStage` -- ``calibrate`` (ours, not in the paper): the gates stay frozen, one global
+  threshold is moved to a compute target while the backbone is fine-tuned. Equivalent to choosing a global
+  tau and fine-tuning the backbone for it; nothing in it is learned routing.
+
+A stage is a thin object over the pure losses of :mod:`.losses` and the controllers of :mod:`.hrl`. The loop
+(:mod:`.trainer`) calls, per step, ``loss(net, x, y, generator)``, backward and the optimisers, then
+``after_step(stats)``; ``state_dict`` / ``load_state_dict`` carry the stage across a resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cost import MacTable
+from ..models import SkipResNet
+from .hrl import AlphaController, GateBaseline, ThresholdController
+from .losses import hrl_loss, per_gate_returns, sp_loss
+
+
+def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    backbone = [p for n, p in model.named_parameters() if not n.startswith("gates.")]
+    gates = [p for n, p in model.named_parameters() if n.startswith("gates.")]
+    return backbone, gates
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Use and keep the running BatchNorm statistics (call after ``model.train()``)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def block_savings(table: MacTable) -> Tensor:
+    """MACs saved per image by skipping each gated block (N,): F_i - S_i."""
+    return torch.tensor([f - s for f, s in zip(table.block_full, table.block_skip)], dtype=torch.float64)
+
+
+def block_costs(table: MacTable, kind: str) -> Tensor:
+    """C_j per gate: ones (the paper), or each block's saved MACs relative to the mean (mean 1)."""
+    if kind == "uniform":
+        return torch.ones(table.num_gates)
+    saved = block_savings(table)
+    return (saved / saved.mean()).float()
+
+
+def all_mean(t: Tensor, world: int) -> Tensor:
+    """The mean of ``t`` over the processes (in place; a no-op on one process)."""
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return t
+
+
+class Stage:
+    """The common part: a supervised cross-entropy step and the optimisers of the backbone and gates."""
+
+    name = "stage"
+    draws_random = False  # whether steps need the per-step generator
+
+    def __init__(self, cfg, model: SkipResNet, table: MacTable, total_steps: int, device: torch.device,
+                 world: int = 1):
+        self.cfg, self.model, self.table, self.device, self.world = cfg, model, table, device, world
+        self.total_steps = total_steps
+        self.dense = float(table.plain)
+
+    # --- parameters -------------------------------------------------------------------------------------------
+    def gate_params(self) -> list[nn.Parameter]:
+        """The gate parameters an optimiser trains (the rest of the gates is frozen)."""
+        return split_params(self.model)[1]
+
+    def build_optimizers(self) -> list[torch.optim.Optimizer]:
+        """SGD (momentum, weight decay) on the backbone; the gates with their own lr or Adam, or frozen
+        (``gate_lr`` 0: their parameters stop requiring gradients, so none are computed, kept or all-reduced)."""
+        cfg = self.cfg
+        backbone, gates = split_params(self.model)
+        trained = {id(p) for p in self.gate_params()} if cfg.gate_lr != 0 else set()
+        for p in gates:
+            p.requires_grad_(id(p) in trained)
+        gates = [p for p in gates if id(p) in trained]
+        sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        groups = [{"params": backbone, "lr": cfg.lr, "role": "backbone"}]
+        if gates and cfg.gate_optimizer == "adam":
+            return [torch.optim.SGD(groups, lr=cfg.lr, **sgd),
+                    torch.optim.Adam([{"params": gates, "lr": cfg.gate_lr or cfg.lr, "role": "gates"}])]
+        if gates:
+            groups.append({"params": gates, "lr": cfg.gate_lr or cfg.lr, "role": "gates"})
+        return [torch.optim.SGD(groups, lr=cfg.lr, **sgd)]
+
+    def train_mode(self, net: nn.Module) -> None:
+        net.train()
+        if self.cfg.freeze_bn and self.name != "supervised":
+            freeze_batchnorm(net)
+
+    # --- the step ---------------------------------------------------------------------------------------------
+    def loss(self, net: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None
+             ) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def after_step(self, stats: dict[str, Tensor]) -> None:
+        """Controllers see the step's statistics (after the optimiser step)."""
+
+    def log_fields(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def _stats(self, out, y: Tensor, total: Tensor) -> dict[str, Tensor]:
+        return {"loss": total.detach(), "correct": (out.logits.argmax(1) == y).sum().detach(),
+                "exec": out.decisions.mean().detach(), "macs": (out.macs.mean() / self.dense).detach()}
+
+    def _ce(self, logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+        return F.cross_entropy(logits.float(), y, reduction=reduction, label_smoothing=self.cfg.label_smoothing)
+
+
+class SupervisedStage(Stage):
+    """``baseline`` (plain network) and ``sp`` (straight-through gates, optional random block skips)."""
+
+    name = "supervised"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.draws_random = self.cfg.stage == "sp" and self.cfg.drop_rate > 0
+
+    def loss(self, net, x, y, generator):
+        if self.cfg.stage == "sp":
+            out = net(x, "straight_through", drop_rate=self.cfg.drop_rate, generator=generator)
+        else:
+            out = net(x)
+        total = self._ce(out.logits, y) if self.cfg.label_smoothing else sp_loss(out.logits, y)
+        return total, self._stats(out, y, total)
+
+
+class ReinforceStage(Stage):
+    """Hybrid REINFORCE (SPEC §5): CE on the sampled path trains the backbone, REINFORCE trains the gates.
+
+    Per step: gates sampled (from p, or with ``explore`` from p' = (1-eps) p + eps/2); each image's per-gate
+    returns r_i = -beta CE + (alpha/N) sum_{j>=i} (1-g_j) C_j, minus a baseline (none, the paper; a per-gate
+    moving average; or ``greedy``: the same returns computed on the image's greedy path, a self-critical
+    baseline); alpha fixed (the paper) or held by dual ascent so that the policy's *expected* MACs meet
+    ``target_macs``. Under DDP a batch-summed REINFORCE term is scaled by the world size, so that the
+    all-reduced gradient equals one process's on the joined batch (as cross-entropy's mean does)."""
+
+    name = "reinforce"
+    draws_random = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.cfg
+        self.controller = AlphaController(cfg.alpha, cfg.target_macs, cfg.alpha_lr, cfg.alpha_max, cfg.cost_ema)
+        self.baseline = GateBaseline(cfg.baseline_momentum) if cfg.baseline == "ema" else None
+        self.costs = block_costs(self.table, cfg.cost).to(self.device)
+
+    def greedy_returns(self, x: Tensor, y: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+        """The returns (B, N) of each image's greedy path (tau 0.5, eval mode, no gradient) and its MACs (B,).
+        The greedy path does not depend on the sampled decisions, so it is a valid baseline for every gate."""
+        model = self.model
+        modes = [m.training for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(x, "greedy", executor="compact" if x.device.type == "cpu" else "masked")
+                ce = self._ce(out.logits, y, "none")
+        finally:
+            for m, mode in zip(model.modules(), modes):
+                m.training = mode
+        returns = per_gate_returns(ce, out.decisions, alpha=alpha, beta=self.cfg.beta, costs=self.costs,
+                                   cap=self.cfg.skip_cap)
+        return returns, out.macs.to(x.device)
+
+    def loss(self, net, x, y, generator):
+        cfg = self.cfg
+        out = net(x, "sample", explore=cfg.explore, generator=generator)
+        alpha = self.controller.alpha
+        baseline, greedy_macs = None, None
+        if cfg.baseline == "greedy":
+            baseline, greedy_macs = self.greedy_returns(x, y, alpha)
+        elif self.baseline is not None:
+            baseline = self.baseline.value
+        # a summed term is averaged over the processes by DDP: scale it back to the global sum
+        weight = cfg.rl_weight * (self.world if cfg.rl_reduction == "sum" else 1)
+        ce = self._ce(out.logits, y, "none")
+        loss = hrl_loss(ce, out.log_probs, out.decisions, alpha=alpha, beta=cfg.beta, rl_weight=weight,
+                        reduction=cfg.rl_reduction, costs=self.costs, baseline=baseline, cap=cfg.skip_cap)
+        total = loss.total
+        if cfg.entropy:  # a bonus on the policy's entropy (mean over images and gates) keeps gates from saturating
+            p = out.probs.float().clamp(1e-6, 1 - 1e-6)
+            total = total - cfg.entropy * -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+        if self.baseline is not None:
+            self.baseline.update(loss.returns)
+        stats = self._stats(out, y, total)
+        # the policy's expected cost (the probabilities p, without exploration) along the sampled path: an
+        # unbiased estimate of E[MACs] under the policy, with less variance than the sampled decisions' cost
+        stats["expected_macs"] = (self.table.per_image(out.probs.detach().float()).mean() / self.dense).detach()
+        if greedy_macs is not None:
+            stats["greedy_macs"] = (greedy_macs.double().mean() / self.dense).detach()
+        return total, stats
+
+    def after_step(self, stats):
+        cost = all_mean(stats["expected_macs"].clone(), self.world)
+        if self.baseline is not None and self.baseline.value is not None:
+            all_mean(self.baseline.value, self.world)
+        self.controller.update(float(cost))
+
+    def log_fields(self):
+        return {"alpha": self.controller.alpha}
+
+    def state_dict(self):
+        return {"controller": self.controller.state_dict(),
+                "baseline": None if self.baseline is None else self.baseline.state_dict()}
+
+    def load_state_dict(self, state):
+        self.controller.load_state_dict(state["controller"])
+        if self.baseline is not None:
+            self.baseline.load_state_dict(state["baseline"], self.device)
+
+
+class CalibrateStage(Stage):
+    """Ours, not in the paper: frozen gates, one global threshold steered to ``target_macs`` while the
+    backbone is fine-tuned (cross-entropy, straight-through decisions). Equivalent to picking a global tau
+    and fine-tuning the backbone for it; no routing is learned. The target falls linearly from the first
+    measured cost over ``target_ramp`` of the stage."""
+
+    name = "calibrate"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg, table = self.cfg, self.table
+        self.saved = block_savings(table) / table.plain
+        self.base = float(table.per_image(torch.zeros(1, table.num_gates))[0]) / table.plain
+        self.threshold = ThresholdController(cfg.target_macs, round(cfg.target_ramp * self.total_steps),
+                                             cfg.threshold_gain)
+
+    def gate_params(self):
+        return []  # the gates stay as SP left them; the controller moves their output biases
+
+    def loss(self, net, x, y, generator):
+        out = net(x, "straight_through")  # the decisions greedy inference takes
+        total = self._ce(out.logits, y)
+        stats = self._stats(out, y, total)
+        stats["greedy_macs"] = stats["macs"]
+        # float32 probabilities saturate beyond |logit| ~ 17: far from any threshold
+        stats["logits"] = torch.logit(out.probs.detach().double()).clamp(-30.0, 30.0)
+        return total, stats
+
+    def after_step(self, stats):
+        logits = stats.pop("logits")
+        cost = all_mean(stats["macs"].clone(), self.world)
+        shift = self.threshold.update(float(cost), logits, self.saved, self.base)
+        if self.world > 1:  # each rank saw its own slice: all take the mean shift
+            shift_t = all_mean(torch.tensor(shift, dtype=torch.float64, device=cost.device), self.world)
+            self.threshold.offset += float(shift_t) - shift  # the offset is what was applied
+            shift = float(shift_t)
+        with torch.no_grad():
+            for bias in self.model.gates.output_biases():
+                bias.add_(shift)
+
+    def log_fields(self):
+        return {"target_mac_fraction": self.threshold.target_now(), "threshold_offset": self.threshold.offset}
+
+    def state_dict(self):
+        return {"threshold": self.threshold.state_dict()}
+
+    def load_state_dict(self, state):
+        self.threshold.load_state_dict(state["threshold"])
+
+
+STAGE_CLASSES = {"baseline": SupervisedStage, "sp": SupervisedStage, "hrl": ReinforceStage,
+                 "calibrate": CalibrateStage}
+
+
+def make_stage(cfg, model: SkipResNet, table: MacTable, total_steps: int, device: torch.device,
+               world: int = 1) -> Stage:
+    return STAGE_CLASSES[cfg.stage](cfg, model, table, total_steps, device, world)
