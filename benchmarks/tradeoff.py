@@ -36,7 +36,7 @@ PLANS = {
         "baseline": "fashion_mnist_baseline", "sp": "fashion_mnist_sp", "hrl": "fashion_mnist_hrl",
         "hrl_paper": "fashion_mnist_hrl_paper", "calibrate": "fashion_mnist_calibrate",
         "plain": ["cifar_resnet8", "cifar_resnet14", "cifar_resnet20"],
-        "targets": [0.5, 0.6, 0.7], "seeds_at": 0.6, "seeds": [1, 2],
+        "targets": [0.55, 0.65, 0.75], "seeds_at": 0.65, "seeds": [1, 2],
         "taus": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
     },
 }

@@ -133,7 +133,8 @@ def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence
     * a threshold sweep at ``taus`` of every run in ``sweep`` (default: ``runs[0]``; pass SP and HRL runs);
     * every run in ``runs`` at tau 0.5, one series per stage (SP→HRL, calibrate, ...; see :func:`run_series`);
     * random skipping on the weights of ``random_from`` (an SP run: the paper's stochastic-depth variant), once
-      per SkipNet run of ``runs`` at that run's per-block execution rates, so at the same expected MACs;
+      per SkipNet run of ``runs`` at that run's per-block execution rates, so at the same expected MACs, and at
+      the same rates on the run's own weights (what per-image routing adds over fixed per-block rates);
     * ``plain`` ResNets as accuracy points (the static line).
     Writes ``sweep.json``, ``sweep.md``, ``tradeoff.png``; returns the table's rows."""
     from .analysis import plot_tradeoff, threshold_sweep
@@ -173,6 +174,9 @@ def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence
             for seed in range(random_seeds):
                 rr = random_skipping(source, loader, r["exec_rates"], seed=seed)
                 add(f"random skipping ({Path(random_from).name} weights)", f"as {run_label(p)}", rr, random_from)
+                # the same rates on the run's own weights: what per-image routing adds over fixed rates
+                rr = random_skipping(m, loader, r["exec_rates"], seed=seed)
+                add("random skipping (each run's own weights)", f"as {run_label(p)}", rr, path)
     for path in plain:
         m, p = load_run(path, dev)
         add("plain ResNet", run_label(p), evaluate(m, loader), path)

@@ -95,10 +95,14 @@ class TrainSection:
     gate_optimizer: str = "sgd"  # sgd | adam, for the gate parameters
     target_macs: float | None = None  # HRL: the policy's expected MACs as a fraction of the plain network,
     # held by dual ascent on alpha (ours; None: alpha fixed, the paper). calibrate: greedy MACs to reach
+    budget: str = "expected"  # HRL: the cost the dual ascent holds at target_macs: expected (the policy's
+    # expected MACs) | greedy (the MACs of the greedy path, what inference spends; needs baseline greedy)
     alpha_lr: float = 0.05  # dual ascent: alpha += alpha_lr * (smoothed expected fraction - target) per step
     alpha_max: float = 10.0
     cost_ema: float = 0.9  # smoothing of the measured cost fed to the controller
-    target_ramp: float = 0.5  # calibrate: share of the stage over which the target falls to target_macs
+    target_ramp: float = 0.5  # calibrate (and HRL with budget_ramp): share of the stage over which the
+    # target falls from the first measured cost to target_macs
+    budget_ramp: bool = False  # HRL: ramp the dual ascent's target as calibrate does
     threshold_gain: float = 0.2  # calibrate: share of the needed threshold shift taken per step
     # --- evaluation and mechanics ---
     tau: float = 0.5  # greedy threshold for evaluation
@@ -129,6 +133,10 @@ class TrainSection:
             raise ValueError("stage 'calibrate' moves the threshold to target_macs: set it")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing lies in [0, 1); got {self.label_smoothing}")
+        if self.budget not in ("expected", "greedy"):
+            raise ValueError(f"budget must be 'expected' or 'greedy'; got {self.budget!r}")
+        if self.budget == "greedy" and self.baseline != "greedy":
+            raise ValueError("budget 'greedy' measures the greedy path of baseline 'greedy': set both")
         if not self.entropy >= 0.0:
             raise ValueError(f"entropy is a non-negative weight; got {self.entropy}")
         if not 0.0 <= self.explore < 1.0:

@@ -16,26 +16,40 @@ from torch import Tensor
 
 
 class AlphaController:
-    """alpha <- clip(alpha + lr * (ema_cost - target), 0, alpha_max) after every step.
+    """Projected dual ascent: alpha <- clip(alpha + lr * (ema_cost - target_now), 0, alpha_max) after every step.
 
-    ``cost``: the batch's mean MACs as a fraction of the dense network's. With ``target=None`` alpha stays
-    fixed (the paper)."""
+    ``cost``: the step's MACs as a fraction of the plain network's. With ``target=None`` alpha stays fixed
+    (the paper). With ``ramp_steps`` > 0 the target falls linearly from the first measured cost to ``target``
+    over that many steps, so that the policy follows a slowly moving budget instead of overshooting it."""
 
-    def __init__(self, alpha: float, target: float | None, lr: float, alpha_max: float, ema: float):
+    def __init__(self, alpha: float, target: float | None, lr: float, alpha_max: float, ema: float,
+                 ramp_steps: int = 0):
         self.alpha, self.target, self.lr, self.alpha_max, self.ema = float(alpha), target, lr, alpha_max, ema
+        self.ramp_steps = max(int(ramp_steps), 0)
         self.cost: float | None = None
+        self.start: float | None = None
+        self.steps = 0
+
+    def target_now(self) -> float | None:
+        if self.target is None or self.start is None or self.steps >= self.ramp_steps:
+            return self.target
+        return self.start + (self.target - self.start) * self.steps / self.ramp_steps
 
     def update(self, cost: float) -> float:
         self.cost = cost if self.cost is None else self.ema * self.cost + (1 - self.ema) * cost
         if self.target is not None:
-            self.alpha = min(max(self.alpha + self.lr * (self.cost - self.target), 0.0), self.alpha_max)
+            if self.start is None:
+                self.start = max(cost, self.target)
+            self.alpha = min(max(self.alpha + self.lr * (self.cost - self.target_now()), 0.0), self.alpha_max)
+        self.steps += 1
         return self.alpha
 
     def state_dict(self) -> dict:
-        return {"alpha": self.alpha, "cost": self.cost}
+        return {"alpha": self.alpha, "cost": self.cost, "start": self.start, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.alpha, self.cost = float(state["alpha"]), state["cost"]
+        self.start, self.steps = state.get("start"), int(state.get("steps", 0))
 
 
 def needed_shift(logits: Tensor, saved: Tensor, budget: float) -> float:

@@ -152,7 +152,8 @@ class ReinforceStage(Stage):
     Per step: gates sampled (from p, or with ``explore`` from p' = (1-eps) p + eps/2); each image's per-gate
     returns r_i = -beta CE + (alpha/N) sum_{j>=i} (1-g_j) C_j, minus a baseline (none, the paper; a per-gate
     moving average; or ``greedy``: the same returns computed on the image's greedy path, a self-critical
-    baseline); alpha fixed (the paper) or held by dual ascent so that the policy's *expected* MACs meet
+    baseline); alpha fixed (the paper) or held by dual ascent so that the policy's *expected* MACs (``budget``
+    expected) or the greedy path's measured MACs (``budget`` greedy, with the greedy baseline) meet
     ``target_macs``. Under DDP a batch-summed REINFORCE term is scaled by the world size, so that the
     all-reduced gradient equals one process's on the joined batch (as cross-entropy's mean does)."""
 
@@ -162,7 +163,8 @@ class ReinforceStage(Stage):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.cfg
-        self.controller = AlphaController(cfg.alpha, cfg.target_macs, cfg.alpha_lr, cfg.alpha_max, cfg.cost_ema)
+        self.controller = AlphaController(cfg.alpha, cfg.target_macs, cfg.alpha_lr, cfg.alpha_max, cfg.cost_ema,
+                                          round(cfg.target_ramp * self.total_steps) if cfg.budget_ramp else 0)
         self.baseline = GateBaseline(cfg.baseline_momentum) if cfg.baseline == "ema" else None
         self.costs = block_costs(self.table, cfg.cost).to(self.device)
 
@@ -212,13 +214,16 @@ class ReinforceStage(Stage):
         return total, stats
 
     def after_step(self, stats):
-        cost = all_mean(stats["expected_macs"].clone(), self.world)
+        cost = all_mean(stats[f"{self.cfg.budget}_macs"].clone(), self.world)
         if self.baseline is not None and self.baseline.value is not None:
             all_mean(self.baseline.value, self.world)
         self.controller.update(float(cost))
 
     def log_fields(self):
-        return {"alpha": self.controller.alpha}
+        fields = {"alpha": self.controller.alpha}
+        if self.controller.target is not None:
+            fields["target_mac_fraction"] = self.controller.target_now()
+        return fields
 
     def state_dict(self):
         return {"controller": self.controller.state_dict(),
