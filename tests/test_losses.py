@@ -135,6 +135,20 @@ def test_hrl_loss_rejects_bad_arguments():
         hrl_loss(ce[:1], lp, g)
 
 
+def test_alpha_controller_follows_a_ramped_target():
+    c = AlphaController(alpha=1.0, target=0.5, lr=1.0, alpha_max=10.0, ema=0.0, ramp_steps=4)
+    assert c.update(0.9) == pytest.approx(1.0)  # the ramp starts at the first cost: no error yet
+    assert c.target_now() == pytest.approx(0.8)  # then falls by (0.9 - 0.5) / 4 a step
+    assert c.update(0.9) == pytest.approx(1.1)  # 0.1 above the ramp, not 0.4 above the final target
+    assert c.target_now() == pytest.approx(0.7)
+    restored = AlphaController(alpha=0.0, target=0.5, lr=1.0, alpha_max=10.0, ema=0.0, ramp_steps=4)
+    restored.load_state_dict(c.state_dict())
+    assert restored.target_now() == pytest.approx(0.7) and restored.alpha == pytest.approx(1.1)
+    c.update(0.9)
+    c.update(0.9)
+    assert c.target_now() == pytest.approx(0.5) and c.update(0.5) == pytest.approx(c.alpha)  # held at the target
+
+
 def test_alpha_controller_moves_towards_target_and_baseline_averages():
     c = AlphaController(alpha=1.0, target=0.5, lr=2.0, alpha_max=10.0, ema=0.0)
     assert c.update(0.9) == pytest.approx(1.8)  # too expensive: more reward for skipping

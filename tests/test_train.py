@@ -106,7 +106,8 @@ def _metric_lines(run: Path) -> list[dict]:
              "freeze_bn": True, "rl_reduction": "mean", "rl_weight": 1.0}),
     # the self-critical baseline's greedy pass runs in eval mode between sampled passes whose BatchNorm
     # statistics keep updating (freeze_bn off): the modes it restores must not depend on where the run started
-    ("hrl", {"target_macs": 0.5, "baseline": "greedy", "explore": 0.1, "gate_optimizer": "adam", "gate_lr": 0.01,
+    ("hrl", {"target_macs": 0.5, "baseline": "greedy", "explore": 0.1, "entropy": 0.05, "budget_ramp": True,
+             "budget": "greedy", "schedule": "cosine", "gate_optimizer": "adam", "gate_lr": 0.01,
              "rl_reduction": "mean", "rl_weight": 1.0}),
 ], ids=["sp", "sp-drop", "baseline", "calibrate", "hrl-ema", "hrl-greedy-explore"])
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, sp_run, stage, extra):
