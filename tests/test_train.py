@@ -416,3 +416,31 @@ def test_streamed_imagefolder_trains(tmp_path):
     result = train(cfg, tmp_path / "run", progress=False)
     assert result["images"] == 8 and result["step"] == 4
     assert load_model(tmp_path / "run").config.num_classes == 2
+
+
+def test_hrl_temperature_divides_the_gates_output_layer_once(tmp_path, sp_run):
+    # lr 0: only the one-time division changes the gates; a resumed run must not divide again
+    cfg = _config("hrl", epochs=1.5, init=str(sp_run), temperature=0.05, lr=0.0)
+    train(cfg, tmp_path / "split", data=DATA, progress=False, max_steps=2)
+    train(cfg, tmp_path / "split", data=DATA, progress=False, resume=True)
+    before, after = load_checkpoint(sp_run)["model"], load_checkpoint(tmp_path / "split")["model"]
+    for name in ("gates.fc.weight", "gates.fc.bias"):
+        torch.testing.assert_close(after[name], before[name] / 0.05)
+    torch.testing.assert_close(after["gates.proj.0.weight"], before["gates.proj.0.weight"])
+
+
+def test_gates_compute_in_float32_under_bf16_autocast():
+    # in bf16 a probability above ~0.998 rounds to exactly 1, and a sampled gate could never skip
+    from skipnet import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet8", gate="rnn", in_channels=1, num_classes=4).train()
+    with torch.no_grad():
+        model.gates.fc.weight.zero_()
+        model.gates.fc.bias.fill_(6.5)  # p = 0.99850
+    x = torch.randn(8, 1, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, "sample", generator=torch.Generator().manual_seed(0))
+    assert out.probs.dtype == torch.float32 and out.log_probs.dtype == torch.float32
+    torch.testing.assert_close(out.probs, torch.full_like(out.probs, torch.sigmoid(torch.tensor(6.5)).item()))
+    assert bool((out.probs < 1).all())
