@@ -444,3 +444,9 @@ def test_gates_compute_in_float32_under_bf16_autocast():
     assert out.probs.dtype == torch.float32 and out.log_probs.dtype == torch.float32
     torch.testing.assert_close(out.probs, torch.full_like(out.probs, torch.sigmoid(torch.tensor(6.5)).item()))
     assert bool((out.probs < 1).all())
+
+
+def test_hrl_without_init_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="train.init"):
+        train(_config("hrl", epochs=1), tmp_path / "run", data=DATA, progress=False)
+    assert not (tmp_path / "run").exists()

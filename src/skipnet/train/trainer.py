@@ -297,6 +297,9 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
 
     run_dir = Path(run_dir)
     cfg = config.train
+    if cfg.stage in ("hrl", "calibrate") and not cfg.init and not resume:
+        raise ValueError(f"stage {cfg.stage!r} starts from a trained SP network: set train.init (--init) to the "
+                         "SP run folder or checkpoint")
     rank, world = _distributed()
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
