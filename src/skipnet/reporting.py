@@ -183,10 +183,17 @@ def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence
     series: dict[str, list] = {}
     for row in table:
         series.setdefault(row["series"], []).append((row["macs"], row["accuracy"], row["label"]))
-    plot_tradeoff(series, out / "tradeoff.png", title=title or f"Accuracy vs compute on {test.name}")
+    plot_tradeoff(series, out / "tradeoff.png", title=title or f"Accuracy vs compute on {test.name}",
+                  styles=tradeoff_styles(series))
     files[0].write_text(json.dumps(table, indent=2))
     files[1].write_text(sweep_markdown(table) + "\n\n![trade-off](tradeoff.png)\n")
     return table
+
+
+def tradeoff_styles(series: dict[str, list]) -> dict[str, dict]:
+    """Points of different runs that are not one curve (runs at tau 0.5, random skipping per run) are drawn
+    unjoined; tau sweeps and the plain ResNets' static line are joined."""
+    return {name: {"ls": "none"} for name in series if not (name.startswith("τ sweep") or name == "plain ResNet")}
 
 
 def sweep_markdown(table: Sequence[dict[str, Any]]) -> str:

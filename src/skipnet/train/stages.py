@@ -155,8 +155,9 @@ class ReinforceStage(Stage):
     baseline); alpha fixed (the paper) or held by dual ascent so that the policy's *expected* MACs (``budget``
     expected) or the greedy path's measured MACs (``budget`` greedy, with the greedy baseline) meet
     ``target_macs``; optionally an ``entropy`` bonus keeps the gate probabilities graded (so that the
-    inference threshold tau trades accuracy for compute). Under DDP a batch-summed REINFORCE term is scaled by the world size, so that the
-    all-reduced gradient equals one process's on the joined batch (as cross-entropy's mean does)."""
+    inference threshold tau trades accuracy for compute). Under DDP a batch-summed REINFORCE term is scaled by
+    the world size, so that the all-reduced gradient equals one process's on the joined batch (as
+    cross-entropy's mean does)."""
 
     name = "reinforce"
     draws_random = True
