@@ -107,8 +107,8 @@ def main() -> int:
                        title=f"{args.data}: {total:g} epochs in all, every series trained by us")
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     machine = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
-    for row in table:
-        row.update(epochs=total, date=date)
+    for row in table:  # the SP network (its tau sweep, random skipping on its weights) trained fewer epochs
+        row.update(epochs=sp_cfg.train.epochs if row["run"] == str(sp) else total, date=date)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(table, indent=2))
     shutil.copy(swept / "tradeoff.png", out / "tradeoff.png")
@@ -116,7 +116,9 @@ def main() -> int:
     (out / "sweep.md").write_text(
         f"Command: `{command}` -- {date}, {machine}, {time.perf_counter() - start:.0f} s in all.\n"
         f"Every series trained by the same recipe family for {total:g} epochs in all (SkipNet: SP "
-        f"{sp_cfg.train.epochs:g} + stage 2 {hrl_cfg.train.epochs:g}).\n\n"
+        f"{sp_cfg.train.epochs:g} + stage 2 {hrl_cfg.train.epochs:g}), except the SP network itself (its tau "
+        f"sweep, and random skipping on its weights): {sp_cfg.train.epochs:g}. HRL targets are on the policy's "
+        "expected MACs; the MACs in the table are those greedy inference spends.\n\n"
         + (swept / "sweep.md").read_text())
     (out / "runs.json").write_text(json.dumps(log, indent=2))
     print((out / "sweep.md").read_text())

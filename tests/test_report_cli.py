@@ -68,12 +68,15 @@ def test_sweep_table_and_plot(runs, tmp_path, capsys):
                  "--taus", "0.2", "0.5", "0.8", "--out", str(out), "--json"]) == 0
     table = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     series = [r["series"] for r in table]
-    assert series.count("SkipNet SP→HRL") == 2 and series.count("calibrate (ours: global τ + fine-tuning)") == 1
+    assert series.count("SkipNet SP→HRL (ours)") == 2
+    assert series.count("calibrate (ours: global τ + fine-tuning)") == 1
     plain = [r for r in table if r["series"] == "plain ResNet"]
     assert [r["label"] for r in plain] == ["R-8"] and 0 <= plain[0]["accuracy"] <= 100  # an accuracy point
     # random skipping on the SP weights, once per SkipNet run, at that run's per-block rates (the same MACs)
-    for run in [r for r in table if r["series"] in ("SkipNet SP→HRL", "calibrate (ours: global τ + fine-tuning)")]:
-        match = [r for r in table if r["series"].startswith("random skipping") and r["label"] == f"as {run['label']}"]
+    for kind, name in (("HRL", "SkipNet SP→HRL (ours)"), ("calibrate", "calibrate (ours: global τ + fine-tuning)")):
+        run = next(r for r in table if r["series"] == name)
+        match = [r for r in table
+                 if r["series"].startswith("random skipping") and r["label"] == f"as {kind} {run['label']}"]
         assert match and match[0]["exec_rates"] is not None
         assert abs(match[0]["macs"] - run["macs"]) < 0.25 * run["macs"]
     for name in ("sp", "hrl0.5"):  # one tau sweep per swept run

@@ -41,14 +41,18 @@ def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_
          f"{time.perf_counter() - start:.1f}s")
 
     root = [f"data.root={data_root}"] if data_root else []
-    sp = load_config("fashion_mnist_sp", root + ([f"train.epochs={sp_epochs}"] if sp_epochs else []))
+    # SP and HRL share one cosine (the plain ResNets' schedule): other epochs move its length and the split
+    sp_default, hrl_default = (load_config(r).train.epochs for r in ("fashion_mnist_sp", "fashion_mnist_hrl"))
+    sp_epochs, hrl_epochs = sp_epochs or sp_default, hrl_epochs or hrl_default
+    cosine = [f"train.cosine_epochs={sp_epochs + hrl_epochs}"]
+    sp = load_config("fashion_mnist_sp", root + cosine + [f"train.epochs={sp_epochs}"])
     drop = f", random block skips {sp.train.drop_rate:g}" if sp.train.drop_rate else ""
     echo(f"stage 1/2 -- SP: {sp.model.name} with {sp.model.gate} gates, {sp.train.epochs:g} epochs{drop}")
     sp_result = train(sp, out / "sp", data=data, progress=progress)
     echo(f"  SP: top-1 {sp_result['accuracy']:.2f}%, block fraction {sp_result['block_fraction']:.1f}%")
 
     hrl_over = root + [f"train.init={out / 'sp'}"]
-    hrl_over += [f"train.epochs={hrl_epochs}"] if hrl_epochs else []
+    hrl_over += cosine + [f"train.epochs={hrl_epochs}", f"train.cosine_start={sp_epochs}"]
     hrl_over += [f"train.target_macs={target_macs}"] if target_macs else []
     hrl = load_config("fashion_mnist_hrl", hrl_over)
     echo(f"stage 2/2 -- HRL: learned routing (sampled gates trained by REINFORCE, backbone by cross-entropy), "
@@ -105,13 +109,17 @@ def plain_reference(path: str | Path | None, macs: float, epochs: float) -> dict
     the demo's recipe for ``epochs``), or None when the file is missing or holds no such network."""
     if path is None or not Path(path).is_file():
         return None
-    rows = [r for r in json.loads(Path(path).read_text()) if r.get("series") == "plain ResNet"]
-    rows = [r for r in rows if r.get("epochs") in (None, epochs) and r["macs"] >= macs]
-    if not rows:
+    rows = [r for r in json.loads(Path(path).read_text()) if r.get("series") == "plain ResNet"
+            and r.get("epochs") is not None and abs(r["epochs"] - epochs) < 1e-6]
+    above = [r for r in rows if r["macs"] >= macs]
+    if not above:
         return None
-    best = min(rows, key=lambda r: r["macs"])
+    best = min(above, key=lambda r: r["macs"])
+    below = [r for r in rows if r["macs"] < macs]
+    cheaper = max(below, key=lambda r: r["accuracy"]) if below else None
     return {"label": best["label"], "accuracy": best["accuracy"], "macs": best["macs"], "source": str(path),
-            "date": best.get("date")}
+            "date": best.get("date"),
+            "cheaper": None if cheaper is None else {k: cheaper[k] for k in ("label", "accuracy", "macs")}}
 
 
 def format_summary(s: dict[str, Any]) -> list[str]:
@@ -124,6 +132,11 @@ def format_summary(s: dict[str, Any]) -> list[str]:
     else:
         ref_line = ("Plain ResNet reference:                 none at these MACs and epochs (run "
                     "`python benchmarks/tradeoff.py --data fashion_mnist`)")
+    cheaper = (ref or {}).get("cheaper")
+    if cheaper:
+        ref_line += (f"\nPlain {cheaper['label']} (fewer MACs than SkipNet's):   {cheaper['accuracy']:.2f}% at "
+                     f"{cheaper['macs'] / 1e6:.2f}M  (difference {s['skipnet_accuracy'] - cheaper['accuracy']:+.2f} "
+                     "points; same file)")
     lines = [
         "",
         f"== SkipNet demo: {s['model']} on Fashion-MNIST, {s['total_epochs']:g} epochs in all (SP + HRL) ==",

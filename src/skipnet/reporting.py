@@ -118,8 +118,10 @@ def run_series(payload: dict[str, Any]) -> str:
     train = payload.get("run_config", {}).get("train", {})
     stage = "baseline" if payload.get("model_config", {}).get("gate") == "none" else train.get("stage", "sp")
     name = SERIES_NAMES.get(stage, stage)
-    if stage == "hrl" and train.get("baseline") == "none" and train.get("target_macs") is None:
-        name += " (paper objective)"
+    if stage == "hrl":
+        paper = dict(baseline="none", target_macs=None, explore=0.0, entropy=0.0, cost="uniform",
+                     rl_reduction="sum", skip_cap=None, label_smoothing=0.0)
+        name += " (paper objective)" if all(train.get(k, v) == v for k, v in paper.items()) else " (ours)"
     return name
 
 
@@ -171,12 +173,14 @@ def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence
         r = evaluate(m, loader, executor="compact")
         add(run_series(p), run_label(p), r, path)
         if source is not None and m.is_gated:
+            kind = "HRL" if p.get("run_config", {}).get("train", {}).get("stage") == "hrl" else "calibrate"
             for seed in range(random_seeds):
+                label = f"as {kind} {run_label(p)}" + (f", draw {seed}" if random_seeds > 1 else "")
                 rr = random_skipping(source, loader, r["exec_rates"], seed=seed)
-                add(f"random skipping ({Path(random_from).name} weights)", f"as {run_label(p)}", rr, random_from)
+                add(f"random skipping ({Path(random_from).name} weights)", label, rr, random_from)
                 # the same rates on the run's own weights: what per-image routing adds over fixed rates
                 rr = random_skipping(m, loader, r["exec_rates"], seed=seed)
-                add("random skipping (each run's own weights)", f"as {run_label(p)}", rr, path)
+                add("random skipping (each run's own weights)", label, rr, path)
     for path in plain:
         m, p = load_run(path, dev)
         add("plain ResNet", run_label(p), evaluate(m, loader), path)

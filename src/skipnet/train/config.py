@@ -137,8 +137,17 @@ class TrainSection:
             raise ValueError(f"budget must be 'expected' or 'greedy'; got {self.budget!r}")
         if self.budget == "greedy" and self.baseline != "greedy":
             raise ValueError("budget 'greedy' measures the greedy path of baseline 'greedy': set both")
-        if not self.entropy >= 0.0:
-            raise ValueError(f"entropy is a non-negative weight; got {self.entropy}")
+        if not 0.0 <= self.entropy < float("inf"):
+            raise ValueError(f"entropy is a finite non-negative weight; got {self.entropy}")
+        if self.budget_ramp and self.target_macs is None:
+            raise ValueError("budget_ramp ramps the dual ascent's target: set target_macs")
+        if not 0.0 <= self.cost_ema < 1.0:
+            raise ValueError(f"cost_ema is a smoothing factor in [0, 1); got {self.cost_ema}")
+        if not (self.alpha_lr >= 0.0 and self.alpha_max >= 0.0):
+            raise ValueError(f"alpha_lr and alpha_max must be >= 0; got {self.alpha_lr}, {self.alpha_max}")
+        if not 0.0 < self.threshold_gain <= 1.0:
+            raise ValueError(f"threshold_gain is the share of the needed shift taken per step, in (0, 1]; got "
+                             f"{self.threshold_gain}")
         if not 0.0 <= self.explore < 1.0:
             raise ValueError(f"explore is a mixing weight in [0, 1); got {self.explore}")
         if not 0.0 <= self.target_ramp <= 1.0:

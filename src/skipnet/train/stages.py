@@ -154,10 +154,12 @@ class ReinforceStage(Stage):
     moving average; or ``greedy``: the same returns computed on the image's greedy path, a self-critical
     baseline); alpha fixed (the paper) or held by dual ascent so that the policy's *expected* MACs (``budget``
     expected) or the greedy path's measured MACs (``budget`` greedy, with the greedy baseline) meet
-    ``target_macs``; optionally an ``entropy`` bonus keeps the gate probabilities graded (so that the
+    ``target_macs``; optionally an ``entropy`` bonus (computed from probabilities clamped to [1e-6, 1 - 1e-6]:
+    no gradient beyond |logit| ~ 13.8) keeps the gate probabilities graded (so that the
     inference threshold tau trades accuracy for compute). Under DDP a batch-summed REINFORCE term is scaled by
     the world size, so that the all-reduced gradient equals one process's on the joined batch (as
-    cross-entropy's mean does)."""
+    cross-entropy's mean does). The gates read the backbone's features, so the REINFORCE and entropy terms
+    reach the backbone through the gate inputs too (as in the paper)."""
 
     name = "reinforce"
     draws_random = True
@@ -171,14 +173,16 @@ class ReinforceStage(Stage):
         self.costs = block_costs(self.table, cfg.cost).to(self.device)
 
     def greedy_returns(self, x: Tensor, y: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-        """The returns (B, N) of each image's greedy path (tau 0.5, eval mode, no gradient) and its MACs (B,).
+        """The returns (B, N) of each image's greedy path (threshold ``tau``, eval mode, no gradient) and its
+        MACs (B,).
         The greedy path does not depend on the sampled decisions, so it is a valid baseline for every gate."""
         model = self.model
         modes = [m.training for m in model.modules()]
         model.eval()
         try:
             with torch.no_grad():
-                out = model(x, "greedy", executor="compact" if x.device.type == "cpu" else "masked")
+                executor = "compact" if x.device.type == "cpu" else "masked"
+                out = model(x, "greedy", tau=self.cfg.tau, executor=executor)
                 ce = self._ce(out.logits, y, "none")
         finally:
             for m, mode in zip(model.modules(), modes):
@@ -208,8 +212,10 @@ class ReinforceStage(Stage):
         if self.baseline is not None:
             self.baseline.update(loss.returns)
         stats = self._stats(out, y, total)
-        # the policy's expected cost (the probabilities p, without exploration) along the sampled path: an
-        # unbiased estimate of E[MACs] under the policy, with less variance than the sampled decisions' cost
+        stats["ce"] = loss.ce
+        # the policy's expected cost: the probabilities p (without exploration) summed along the sampled path
+        # (unbiased for E[MACs] under p when the path is sampled from p; with explore > 0 it is sampled from
+        # p', and the estimate leans towards p' wherever later gates depend on earlier decisions)
         stats["expected_macs"] = (self.table.per_image(out.probs.detach().float()).mean() / self.dense).detach()
         if greedy_macs is not None:
             stats["greedy_macs"] = (greedy_macs.double().mean() / self.dense).detach()

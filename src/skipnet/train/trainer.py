@@ -25,7 +25,7 @@ from torch import nn
 
 from ..data import BatchLoader, ImageData, load_dataset
 from ..models import SkipResNet, create_model
-from .checkpoint import build_model_from_checkpoint, load_checkpoint, load_state
+from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint, load_state
 from .config import RunConfig
 from .device import autocast, resolve_device
 from .evaluate import evaluate
@@ -217,6 +217,9 @@ class Window:
     images: int = 0
     start: float = field(default_factory=time.perf_counter)
 
+    def reset(self) -> None:
+        self.sums, self.steps, self.images, self.start = {}, 0, 0, time.perf_counter()
+
     def add(self, stats: dict[str, torch.Tensor], images: int) -> None:
         for k, v in stats.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
@@ -236,18 +239,20 @@ class Window:
         for key in ("expected_macs", "greedy_macs"):
             if key in self.sums:
                 rec[key.replace("macs", "mac_fraction")] = self.mean(key)
+        if "ce" in self.sums:  # HRL: "loss" is the surrogate (CE + REINFORCE - entropy); this is the CE
+            rec["train_ce"] = self.mean("ce")
         return rec
 
 
 def train_one_epoch(net: nn.Module, model: SkipResNet, stage: Stage, optimizers: list[torch.optim.Optimizer],
                     batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step: int, sched: Schedule, *,
-                    folder: RunFolder, stop: _StopFlag, test_loader: Any, bar: Any, rank: int = 0,
-                    world: int = 1) -> int:
+                    folder: RunFolder, stop: _StopFlag, test_loader: Any, bar: Any, window: Window,
+                    rank: int = 0, world: int = 1) -> int:
     """Run the steps of one epoch (from ``step``, a global step, until the epoch or ``sched.stop_at`` ends);
-    log, checkpoint and evaluate on the way. Returns the global step reached."""
+    log (``window`` sums the statistics since the last metric line, across epochs), checkpoint and evaluate
+    on the way. Returns the global step reached."""
     cfg = stage.cfg
     device = next(model.parameters()).device
-    window = Window()
     stage.train_mode(net)
     for x, y in batches:
         lr = lr_at(step, sched.steps_per_epoch, cfg)
@@ -273,7 +278,7 @@ def train_one_epoch(net: nn.Module, model: SkipResNet, stage: Stage, optimizers:
                         skip=f"{100 * (1 - window.mean('exec')):.0f}%", refresh=False)
         if step % sched.log_every == 0 or step == sched.stop_at:
             folder.emit({**window.record(step, sched, lr, world), **stage.log_fields()})
-            window = Window()
+            window.reset()
         if stop.signal is not None:
             folder.checkpoint(model, optimizers, stage, step, finished=False)
             raise Interrupted(f"stopped by signal {stop.signal} at step {step}; checkpoint written, continue "
@@ -336,6 +341,10 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
         for opt, s in zip(optimizers, payload["optimizers"]):
             opt.load_state_dict(s)
         step = int(payload["step"])
+        if "stage" not in payload and cfg.stage in ("hrl", "calibrate"):
+            raise CheckpointError(f"{run_dir} was written by an older skipnet (before stage objects): its "
+                                  f"{cfg.stage} controller state cannot be resumed; start the stage again from "
+                                  "its init")
         stage.load_state_dict(payload.get("stage") or {})
         torch.set_rng_state(payload["rng_cpu"])
         log.info("resumed %s at step %d", run_dir, step)
@@ -349,13 +358,14 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
                      max(1, round(cfg.eval_every * steps_per_epoch)) if cfg.eval_every > 0 else None)
     bar = tqdm(total=sched.stop_at, initial=step, disable=not progress or rank != 0, unit="step",
                desc=f"{cfg.stage} {model.config.arch}-{model.config.depth}", dynamic_ncols=True)
+    window = Window()
     try:
         with _StopFlag() as stop:
             while step < sched.stop_at:
                 epoch, in_epoch = divmod(step, steps_per_epoch)
                 step = train_one_epoch(net, model, stage, optimizers, loader.epoch(epoch, start_step=in_epoch),
                                        step, sched, folder=folder, stop=stop, test_loader=test_loader, bar=bar,
-                                       rank=rank, world=world)
+                                       window=window, rank=rank, world=world)
         folder.checkpoint(model, optimizers, stage, step, finished=step >= total)
     finally:
         bar.close()
