@@ -102,7 +102,7 @@ class TrainSection:
     cost_ema: float = 0.9  # smoothing of the measured cost fed to the controller
     target_ramp: float = 0.5  # calibrate (and HRL with budget_ramp): share of the stage over which the
     # target falls from the first measured cost to target_macs
-    budget_ramp: bool = False  # HRL: ramp the dual ascent's target as calibrate does
+    budget_ramp: bool = False  # HRL: ramp the dual ascent's target as calibrate does (no target: no effect)
     threshold_gain: float = 0.2  # calibrate: share of the needed threshold shift taken per step
     # --- evaluation and mechanics ---
     tau: float = 0.5  # greedy threshold for evaluation
@@ -139,8 +139,6 @@ class TrainSection:
             raise ValueError("budget 'greedy' measures the greedy path of baseline 'greedy': set both")
         if not 0.0 <= self.entropy < float("inf"):
             raise ValueError(f"entropy is a finite non-negative weight; got {self.entropy}")
-        if self.budget_ramp and self.target_macs is None:
-            raise ValueError("budget_ramp ramps the dual ascent's target: set target_macs")
         if not 0.0 <= self.cost_ema < 1.0:
             raise ValueError(f"cost_ema is a smoothing factor in [0, 1); got {self.cost_ema}")
         if not (self.alpha_lr >= 0.0 and self.alpha_max >= 0.0):
