@@ -1,5 +1,6 @@
 """Every stage runs under DDP (two CPU processes, gloo), and the HRL stage's gradient is that of the joined batch."""
 
+import gc
 import os
 import socket
 
@@ -123,6 +124,8 @@ def _gradient_worker(rank: int, world: int, port: int, out: str) -> None:
         grads = {v: _reinforce_gradients(v, rank, world) for v in VARIANTS}
         if rank == 0:
             torch.save(grads, out)
+        gc.collect()  # the DDP wrappers (and their reducers' threads) go before the process group does
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
