@@ -15,6 +15,14 @@ import torch
 from torch import Tensor
 
 
+def ramped(target: float | None, start: float | None, steps: int, ramp_steps: int) -> float | None:
+    """A target that falls linearly from ``start`` (the first measured cost) to ``target`` over ``ramp_steps``
+    steps, then stays there; ``target`` itself before anything was measured."""
+    if target is None or start is None or steps >= ramp_steps:
+        return target
+    return start + (target - start) * steps / ramp_steps
+
+
 class AlphaController:
     """Projected dual ascent: alpha <- clip(alpha + lr * (ema_cost - target_now), 0, alpha_max) after every step.
 
@@ -31,9 +39,7 @@ class AlphaController:
         self.steps = 0
 
     def target_now(self) -> float | None:
-        if self.target is None or self.start is None or self.steps >= self.ramp_steps:
-            return self.target
-        return self.start + (self.target - self.start) * self.steps / self.ramp_steps
+        return ramped(self.target, self.start, self.steps, self.ramp_steps)
 
     def update(self, cost: float) -> float:
         self.cost = cost if self.cost is None else self.ema * self.cost + (1 - self.ema) * cost
@@ -93,9 +99,7 @@ class ThresholdController:
         self.steps = 0
 
     def target_now(self) -> float:
-        if self.start is None or self.steps >= self.ramp_steps:
-            return self.target
-        return self.start + (self.target - self.start) * self.steps / self.ramp_steps
+        return ramped(self.target, self.start, self.steps, self.ramp_steps)
 
     def update(self, cost: float, logits: Tensor, saved: Tensor, base: float) -> float:
         """Feed one step: its measured ``cost`` (fraction of ``dense``), gate ``logits`` (B, N), the per-block

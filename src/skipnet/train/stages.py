@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..cost import MacTable
 from ..models import SkipResNet
 from .hrl import AlphaController, GateBaseline, ThresholdController
-from .losses import hrl_loss, per_gate_returns, sp_loss
+from .losses import hrl_loss, per_gate_returns
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -68,6 +68,7 @@ class Stage:
 
     name = "stage"
     draws_random = False  # whether steps need the per-step generator
+    may_freeze_bn = True  # train.freeze_bn applies (not to the supervised stages)
 
     def __init__(self, cfg, model: SkipResNet, table: MacTable, total_steps: int, device: torch.device,
                  world: int = 1):
@@ -100,7 +101,7 @@ class Stage:
 
     def train_mode(self, net: nn.Module) -> None:
         net.train()
-        if self.cfg.freeze_bn and self.name != "supervised":
+        if self.cfg.freeze_bn and self.may_freeze_bn:
             freeze_batchnorm(net)
 
     # --- the step ---------------------------------------------------------------------------------------------
@@ -132,6 +133,7 @@ class SupervisedStage(Stage):
     """``baseline`` (plain network) and ``sp`` (straight-through gates, optional random block skips)."""
 
     name = "supervised"
+    may_freeze_bn = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -142,7 +144,7 @@ class SupervisedStage(Stage):
             out = net(x, "straight_through", drop_rate=self.cfg.drop_rate, generator=generator)
         else:
             out = net(x)
-        total = self._ce(out.logits, y) if self.cfg.label_smoothing else sp_loss(out.logits, y)
+        total = self._ce(out.logits, y)
         return total, self._stats(out, y, total)
 
 
