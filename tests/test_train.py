@@ -319,7 +319,18 @@ def test_overrides_are_typed_and_checked():
     with pytest.raises(ValueError, match="schedule must be one of"):
         load_config(None, ["train.schedule=linear"])
     with pytest.raises(ValueError, match="gate_lr must be >= 0"):
-        load_config(None, ["train.gate_lr=nan"])
+        load_config(None, ["train.gate_lr=-1"])
+    for bad in ("train.gate_lr=nan", "train.epochs=inf", "train.epochs=nan", "train.lr=nan", "train.alpha=-inf",
+                "train.milestones=[1,nan]"):
+        with pytest.raises(ValueError, match="finite"):
+            load_config(None, [bad])
+    for bad in ("train.checkpoint_every=0", "train.log_every=0"):
+        with pytest.raises(ValueError, match="at least 1"):
+            load_config(None, [bad])
+    with pytest.raises(ValueError, match="not a valid int"):
+        load_config(None, ["model.num_classes=2.5"])
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda"):
+        load_config(None, ["train.device=tpu"])
 
 
 def test_lr_schedules():
@@ -450,3 +461,168 @@ def test_hrl_without_init_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="train.init"):
         train(_config("hrl", epochs=1), tmp_path / "run", data=DATA, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# --- run folders: one owner, the checkpoint's config, nothing left by a failed start --------------------------
+
+def test_a_run_folder_has_one_owner_at_a_time(tmp_path):
+    from skipnet.train import RunBusyError
+    from skipnet.train.runs import RunLock
+
+    run = tmp_path / "run"
+    train(_config("sp", epochs=0.5), run, data=DATA, progress=False)
+    holder = RunLock(run)  # another process's run (flock locks conflict between open files, even in one process)
+    try:
+        for kwargs in ({"overwrite": True}, {"resume": True}):
+            with pytest.raises(RunBusyError, match=f"PID {os.getpid()}"):
+                train(_config("sp", epochs=0.5), run, data=DATA, progress=False, **kwargs)
+        assert load_checkpoint(run)["step"] == 2  # untouched
+    finally:
+        holder.release()
+    train(_config("sp", epochs=0.5), run, data=DATA, progress=False, overwrite=True)  # free again
+
+
+def test_a_running_train_holds_the_lock_against_the_cli(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    code = ("import sys, time; from pathlib import Path; from skipnet.train.runs import RunLock; "
+            "RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        assert main(["train", "--recipe", "fashion_mnist_sp", "--run-dir", str(run), "--overwrite"]) == 2
+        assert f"in use by another process (PID {proc.pid})" in capsys.readouterr().err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_resume_uses_the_checkpoints_config_and_refuses_a_changed_one(tmp_path):
+    run = tmp_path / "run"
+    cfg = _config("sp", epochs=1.5, drop_rate=0.2)
+    train(cfg, run, data=DATA, progress=False, max_steps=2)
+    full = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(full.split("train:")[0])  # cut short, still valid YAML
+    with pytest.raises(CheckpointError, match=r"disagrees with its checkpoint.*train.epochs"):
+        train(None, run, data=DATA, progress=False, resume=True)
+    assert (run / "config.yaml").read_text() == full.split("train:")[0]  # not rewritten
+    (run / "config.yaml").unlink()  # a missing config.yaml is restored from the checkpoint
+    with pytest.raises(ValueError, match="differs from the one given"):
+        train(_config("sp", epochs=3, drop_rate=0.2), run, data=DATA, progress=False, resume=True)
+    result = train(None, run, data=DATA, progress=False, resume=True)
+    assert result["step"] == 6 and result["finished"] and (run / "config.yaml").read_text() == full
+    assert load_checkpoint(run)["run_config"]["train"]["drop_rate"] == 0.2
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    first = train(_config("sp", epochs=0.5), run, data=DATA, progress=False)
+    before = {p.name: p.read_bytes() for p in (run / "metrics.jsonl", run / "final.json")}
+    again = train(None, run, data=DATA, progress=False, resume=True)
+    assert again == first and {p: (run / p).read_bytes() for p in before} == before
+
+
+def test_a_start_that_fails_leaves_nothing_that_blocks_its_retry(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="no full batch"):
+        train(_config("sp", epochs=1), run, data=(_data(8, 0), _data(8, 1)), progress=False)
+    assert not run.exists()
+    with pytest.raises(NonFiniteLossError, match="No checkpoint had been written"):
+        train(_config("sp", epochs=1, lr=1e30, checkpoint_every=100), run, data=DATA, progress=False)
+    assert not run.exists()
+    run.mkdir()  # a folder the user made stays, empty
+    with pytest.raises(ValueError, match="no full batch"):
+        train(_config("sp", epochs=1), run, data=(_data(8, 0), _data(8, 1)), progress=False)
+    assert run.is_dir() and not any(run.iterdir())
+    train(_config("sp", epochs=0.5), run, data=DATA, progress=False)  # the corrected command runs
+
+
+def test_checkpoint_files_are_as_readable_as_the_rest_of_the_run(tmp_path):
+    run = tmp_path / "run"
+    train(_config("sp", epochs=0.5), run, data=DATA, progress=False)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (run / "config.yaml", run / "checkpoints" / "last.pt")}
+    assert modes["last.pt"] == modes["config.yaml"]
+
+
+def test_a_full_disk_while_checkpointing_is_one_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    # a file-size limit makes the write fail as a full disk does (EFBIG instead of ENOSPC)
+    code = """if True:
+        import resource, signal, sys, torch
+        from skipnet.train.checkpoint import save_checkpoint
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        save_checkpoint(sys.argv[1], {"model": {"w": torch.ones(10)}, "model_config": {}})
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+        try:
+            save_checkpoint(sys.argv[1], {"model": {"w": torch.ones(100000)}, "model_config": {}})
+        except OSError as err:
+            print(type(err).__name__, err)
+    """
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "last.pt")], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out.startswith("CheckpointWriteError could not write checkpoint") and "is intact" in out
+    assert "\n" not in out
+    assert load_checkpoint(tmp_path / "last.pt")["model"]["w"].shape == (10,)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+def test_malformed_yaml_is_one_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: [\n")
+    with pytest.raises(ValueError, match=r"not valid YAML \(line"):
+        load_config(bad)
+    assert main(["train", "--recipe", str(bad), "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_progress_in_a_log_file_is_a_few_plain_lines(tmp_path, capsys):
+    import io
+
+    from skipnet.progress import LineProgress
+
+    out = io.StringIO()
+    bar = LineProgress(100, desc="sp toy", every=0.0, stream=out)
+    bar.set_postfix(loss="1.000")
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("sp toy: 1/100 steps (1%)") and "loss=1.000" in lines[0]
+    train(_config("sp", epochs=1.5), tmp_path / "run", data=DATA, progress=True)  # stderr is not a terminal
+    err = capsys.readouterr().err
+    assert "\r" not in err and 1 <= len([ln for ln in err.splitlines() if "steps" in ln]) <= 3
+
+
+def _jpeg_folder(root: Path, sizes: list[tuple[int, int]]) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, cls in enumerate(("n01", "n02")):
+            (root / split / cls).mkdir(parents=True)
+            for i, (w, h) in enumerate(sizes):
+                img = rng.integers(0, 80, (h, w, 3), dtype=np.uint8) + np.uint8(120 * c)
+                Image.fromarray(img).save(root / split / cls / f"{i}.JPEG", quality=90)
+    return root
+
+
+def test_imagenet_recipes_run_end_to_end_on_jpegs_of_mixed_sizes(tmp_path):
+    root = _jpeg_folder(tmp_path / "imagenet", [(60, 48), (48, 64), (80, 52), (50, 50)])
+    small = [f"data.root={root}", "data.workers=0", "data.image_size=32", "data.batch_size=4",
+             "data.eval_batch_size=4", "model.name=resnet18", "train.channels_last=false", "train.eval_every=0"]
+    sp = load_config("imagenet_sp", small + ["train.epochs=1"])
+    hrl = load_config("imagenet_hrl_paper", small + ["train.epochs=1", f"train.init={tmp_path / 'sp'}"])
+    # the paper's schedules, as written in the recipes
+    assert [trainer.lr_at(e * 10, 10, load_config("imagenet_sp").train) for e in (0, 29.9, 30, 60)] == \
+        pytest.approx([0.1, 0.1, 0.01, 0.001])
+    paper_hrl = load_config("imagenet_hrl_paper").train
+    assert [trainer.lr_at(e * 10, 10, paper_hrl) for e in (0, 30)] == pytest.approx([1e-4, 1e-5])
+    assert paper_hrl.temperature == 0.05 and paper_hrl.epochs == 40
+    assert train(sp, tmp_path / "sp", progress=False)["images"] == 8
+    result = train(hrl, tmp_path / "hrl", progress=False)
+    assert result["images"] == 8 and result["finished"] and load_model(tmp_path / "hrl").config.num_classes == 2

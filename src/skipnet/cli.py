@@ -52,7 +52,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import load_config, train
-    from .train.config import build_config, read_recipe
 
     overrides = list(args.overrides)
     for name, (key, _, _) in TRAIN_SHORTCUTS.items():
@@ -63,8 +62,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.run_dir:
             raise ValueError("--resume needs --run-dir (the run to continue)")
         if overrides:
-            raise ValueError("--resume continues with the run's own config.yaml; drop the overrides")
-        config = build_config(read_recipe(Path(args.run_dir) / "config.yaml"))
+            raise ValueError("--resume continues with the config stored in the run's checkpoint; drop the "
+                             "overrides")
+        config = None
     else:
         config = load_config(args.recipe, overrides)
     run_dir = Path(args.run_dir or f"runs/{Path(str(args.recipe)).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     from .train import Interrupted, NonFiniteLossError
+    from .train.runs import RunBusyError
 
     try:
         return int(args.func(args) or 0)
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError, RunBusyError) as err:  # OSError: files missing or in the way, a full disk
         print(f"error: {err}", file=sys.stderr)
         return 2
 

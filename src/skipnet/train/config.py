@@ -12,6 +12,8 @@ Overrides are ``section.key=value`` strings; an unknown key or a value of the wr
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -117,8 +119,15 @@ class TrainSection:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}; got {self.stage!r}")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be positive; got {self.epochs}")
+        if not 0 < self.epochs < float("inf"):
+            raise ValueError(f"epochs must be a positive finite number; got {self.epochs}")
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} is a number of steps, at least 1; got {getattr(self, name)}")
+        if not self.eval_every >= 0:
+            raise ValueError(f"eval_every is in epochs, >= 0 (0: only at the end); got {self.eval_every}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
         if self.rl_reduction not in ("sum", "mean"):
             raise ValueError(f"rl_reduction must be 'sum' or 'mean'; got {self.rl_reduction!r}")
         if self.cost not in ("uniform", "macs"):
@@ -168,6 +177,8 @@ class TrainSection:
         if self.drop_rate and self.stage in ("hrl", "calibrate"):
             raise ValueError("drop_rate applies to the sp stage only (the baseline, without gates, ignores it); "
                              f"got stage {self.stage!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off; got {self.amp!r}")
 
@@ -210,7 +221,13 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
     origin = typing.get_origin(base)
     if origin is tuple:
         items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
-        return tuple(float(v) for v in items)
+        try:
+            numbers = tuple(float(v) for v in items)
+        except (TypeError, ValueError):
+            raise ValueError(f"option {key}={value!r} must be a list of numbers") from None
+        if not all(math.isfinite(v) for v in numbers):
+            raise ValueError(f"option {key}={value!r} must hold finite numbers")
+        return numbers
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -225,9 +242,14 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
                 raise ValueError
             return int(value)
         if base is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise OverflowError  # inf and nan pass float() but no option means them
+            return number
         return str(value)
-    except ValueError:
+    except OverflowError:
+        raise ValueError(f"option {key}={value!r} must be a finite number") from None
+    except (TypeError, ValueError):
         raise ValueError(f"option {key}={value!r} is not a valid {getattr(base, '__name__', base)}") from None
 
 
@@ -280,7 +302,13 @@ def read_recipe(name_or_path: str | Path) -> dict[str, Any]:
         if not res.is_file():
             raise ValueError(f"unknown recipe {name_or_path!r}; known: {', '.join(recipe_names())}")
         text = res.read_text()
-    raw = yaml.safe_load(text) or {}
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"recipe {name_or_path} is not valid YAML{at}: {problem}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"recipe {name_or_path} must be a YAML mapping")
     return raw

@@ -9,6 +9,7 @@ slice of every global batch; rank 0 writes the run folder).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -25,16 +26,28 @@ from torch import nn
 
 from ..data import BatchLoader, ImageData, load_dataset
 from ..models import SkipResNet, create_model
+from ..progress import progress_bar
 from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint, load_state
 from .config import RunConfig
 from .device import autocast, resolve_device
 from .evaluate import evaluate
-from .runs import NonFiniteLossError, RunExistsError, RunFolder, prefixed, prepare_run_dir
+from .runs import (
+    NonFiniteLossError,
+    RunBusyError,
+    RunExistsError,
+    RunFolder,
+    RunLock,
+    config_differences,
+    discard_failed_start,
+    prefixed,
+    prepare_run_dir,
+    resume_config,
+)
 from .stages import Stage, make_stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Interrupted", "NonFiniteLossError", "RunExistsError", "train", "train_one_epoch", "lr_at"]
+__all__ = ["Interrupted", "NonFiniteLossError", "RunBusyError", "RunExistsError", "train", "train_one_epoch", "lr_at"]
 
 
 class Interrupted(RuntimeError):
@@ -146,14 +159,14 @@ def make_loaders(config: RunConfig, device: torch.device, rank: int, world: int,
                                 rank=rank, world=world)
         test_b = StreamBatches(config, d.test_split, d.eval_batch_size, train=False, device=device)
         return train_b, test_b, {"num_classes": train_b.num_classes, "in_channels": 3,
-                                 "image_size": train_b.image_size}
+                                 "image_size": train_b.image_size, "name": Path(d.root).name}
     train_data, test_data = data or load_data(config)
     train_b = BatchLoader(train_data, d.batch_size // world, train=True, device=device, augment=d.augment,
                           crop_padding=d.crop_padding, flip=d.flip, seed=t.seed, channels_last=t.channels_last,
                           rank=rank, world_size=world)
     test_b = BatchLoader(test_data, d.eval_batch_size, train=False, device=device)
     return train_b, test_b, {"num_classes": train_data.num_classes, "in_channels": train_data.in_channels,
-                             "image_size": train_data.image_size}
+                             "image_size": train_data.image_size, "name": train_data.name}
 
 
 def build_model(cfg: RunConfig, num_classes: int, in_channels: int) -> SkipResNet:
@@ -261,9 +274,8 @@ def train_one_epoch(net: nn.Module, model: SkipResNet, stage: Stage, optimizers:
         with autocast(device, cfg.amp):
             loss, stats = stage.loss(net, x, y, gen)
         if not torch.isfinite(stats["loss"]):
-            raise NonFiniteLossError(f"non-finite loss ({stats['loss'].item()}) at step {step}; stopped. The last "
-                                     f"good checkpoint is {folder.path / 'checkpoints' / 'last.pt'} -- lower the "
-                                     "learning rate")
+            raise NonFiniteLossError(f"non-finite loss ({stats['loss'].item()}) at step {step}; stopped. "
+                                     f"{folder.kept()} -- lower the learning rate")
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -280,11 +292,11 @@ def train_one_epoch(net: nn.Module, model: SkipResNet, stage: Stage, optimizers:
             folder.emit({**window.record(step, sched, lr, world), **stage.log_fields()})
             window.reset()
         if stop.signal is not None:
-            folder.checkpoint(model, optimizers, stage, step, finished=False)
+            folder.checkpoint(model, optimizers, stage, step, sched.total)
             raise Interrupted(f"stopped by signal {stop.signal} at step {step}; checkpoint written, continue "
                               f"with --resume {folder.path}")
         if step % sched.checkpoint_every == 0 or step % sched.steps_per_epoch == 0:
-            folder.checkpoint(model, optimizers, stage, step, finished=False)
+            folder.checkpoint(model, optimizers, stage, step, sched.total)
         if sched.eval_every and step % sched.eval_every == 0 and step < sched.stop_at and rank == 0:
             result = evaluate(model, test_loader, tau=cfg.tau, amp=cfg.amp, progress=False)
             folder.emit({"step": step, "epoch": step / sched.steps_per_epoch, **prefixed(result, "test_")})
@@ -294,26 +306,57 @@ def train_one_epoch(net: nn.Module, model: SkipResNet, stage: Stage, optimizers:
     return step
 
 
-def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+def train(config: RunConfig | None, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, data: tuple[ImageData, ImageData] | None = None,
           max_steps: int | None = None) -> dict[str, Any]:
-    """Train one stage into ``run_dir``; returns the final evaluation. ``max_steps`` stops early (tests)."""
-    from tqdm.auto import tqdm
+    """Train one stage into ``run_dir``; returns the final evaluation. ``max_steps`` stops early (tests).
 
+    The process holds the run folder's lock for the run's life. ``resume`` continues from the folder's
+    checkpoint with the checkpoint's config (``config`` may be None; if given it must agree). A fresh start
+    that fails before its first checkpoint removes what it wrote."""
     run_dir = Path(run_dir)
+    rank, world = _distributed()
+    lock = RunLock(run_dir) if rank == 0 else None
+    fresh_failed = False
+    try:
+        if rank == 0:
+            prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        if resume:
+            saved = resume_config(run_dir)
+            if config is not None and config_differences(config, saved):
+                raise ValueError(f"--resume continues {run_dir} with its checkpoint's config, which differs from "
+                                 f"the one given: {'; '.join(config_differences(config, saved)[:6])}")
+            config = saved
+        if config is None:
+            raise ValueError("a fresh run needs a config")
+        fresh_failed = not resume
+        result = _train(config, run_dir, resume=resume, progress=progress, data=data, max_steps=max_steps,
+                        rank=rank, world=world)
+        fresh_failed = False
+        return result
+    finally:
+        if lock is not None:
+            if fresh_failed:
+                discard_failed_start(run_dir, lock)
+            lock.release()
+
+
+def _train(config: RunConfig, run_dir: Path, *, resume: bool, progress: bool,
+           data: tuple[ImageData, ImageData] | None, max_steps: int | None, rank: int, world: int) -> dict[str, Any]:
     cfg = config.train
     if cfg.stage in ("hrl", "calibrate") and not cfg.init and not resume:
         raise ValueError(f"stage {cfg.stage!r} starts from a trained SP network: set train.init (--init) to the "
                          "SP run folder or checkpoint")
-    rank, world = _distributed()
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if rank == 0:
-        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if world > 1:
         dist.barrier()
+    payload = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device) if resume else None
+    if payload is not None and payload.get("finished") and (run_dir / "final.json").is_file():
+        log.info("%s finished its schedule already (step %d); nothing to resume", run_dir, payload["step"])
+        return json.loads((run_dir / "final.json").read_text()) if rank == 0 else {}
 
     # the data, the model, the stage and its optimisers
     loader, test_loader, info = make_loaders(config, device, rank, world, data)
@@ -335,8 +378,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
     optimizers = stage.build_optimizers()
 
     step = 0
-    if resume:
-        payload = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
+    if payload is not None:
         load_state(model, payload["model"], run_dir)
         for opt, s in zip(optimizers, payload["optimizers"]):
             opt.load_state_dict(s)
@@ -352,12 +394,13 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    folder = RunFolder(run_dir if rank == 0 else None, config, resumed_at=step if resume else None)
+    folder = RunFolder(run_dir if rank == 0 else None, config, resumed_at=step if resume else None,
+                       run_id=payload.get("run_id") if payload is not None else None)
     sched = Schedule(steps_per_epoch, total, total if max_steps is None else min(total, max_steps),
                      cfg.log_every, cfg.checkpoint_every,
                      max(1, round(cfg.eval_every * steps_per_epoch)) if cfg.eval_every > 0 else None)
-    bar = tqdm(total=sched.stop_at, initial=step, disable=not progress or rank != 0, unit="step",
-               desc=f"{cfg.stage} {model.config.arch}-{model.config.depth}", dynamic_ncols=True)
+    bar = progress_bar(sched.stop_at, initial=step, enabled=progress and rank == 0, unit="step",
+                       desc=f"{cfg.stage} {info['name']} {model.config.arch}-{model.config.depth}")
     window = Window()
     try:
         with _StopFlag() as stop:
@@ -366,14 +409,15 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
                 step = train_one_epoch(net, model, stage, optimizers, loader.epoch(epoch, start_step=in_epoch),
                                        step, sched, folder=folder, stop=stop, test_loader=test_loader, bar=bar,
                                        window=window, rank=rank, world=world)
-        folder.checkpoint(model, optimizers, stage, step, finished=step >= total)
+        folder.checkpoint(model, optimizers, stage, step, total)
     finally:
         bar.close()
         folder.close()
     result: dict[str, Any] = {}
     if rank == 0:
         result = evaluate(model, test_loader, tau=cfg.tau, amp=cfg.amp, progress=progress)
-        result.update(step=step, epochs=step / steps_per_epoch)
+        result.update(step=step, epochs=step / steps_per_epoch, total_steps=total, finished=step >= total,
+                      run_id=folder.run_id)
         folder.finish(result)
     if world > 1:
         dist.barrier()
