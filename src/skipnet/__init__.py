@@ -10,9 +10,11 @@ from .models import (
     from_torchvision,
     list_models,
 )
+from .published import list_pretrained, pretrained, pretrained_info
 
 __version__ = "0.1.0"
 __all__ = [
     "MODES", "MacTable", "SkipNetConfig", "SkipNetOutput", "SkipResNet", "build_mac_table",
-    "computation_percentage", "create_model", "from_torchvision", "list_models", "__version__",
+    "computation_percentage", "create_model", "from_torchvision", "list_models", "list_pretrained", "pretrained",
+    "pretrained_info", "__version__",
 ]

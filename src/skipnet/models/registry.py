@@ -9,13 +9,13 @@ from torch import nn
 from .blocks import Bottleneck
 from .skipnet import IMAGENET_LAYOUTS, SkipNetConfig, SkipResNet
 
-CIFAR_DEPTHS = (8, 14, 20, 38, 74, 110, 152)
+CIFAR_DEPTHS = (8, 14, 20, 26, 32, 38, 74, 110, 152)
 _PRESETS: dict[str, dict] = {f"cifar_resnet{d}": {"arch": "cifar", "depth": d} for d in CIFAR_DEPTHS}
 _PRESETS.update({f"resnet{d}": {"arch": "imagenet", "depth": d, "num_classes": 1000} for d in IMAGENET_LAYOUTS})
 
 
 def list_models() -> list[str]:
-    """Preset names: ``cifar_resnet{8,14,20,38,74,110,152}`` (6n+2, 32x32) and ``resnet{18,...,152}``
+    """Preset names: ``cifar_resnet{8,14,20,26,32,38,74,110,152}`` (6n+2, 32x32) and ``resnet{18,...,152}``
     (torchvision layout)."""
     return list(_PRESETS)
 
