@@ -53,13 +53,9 @@ def run_stage(recipe: str, run: Path, overrides: list[str], data, log: list[dict
         print(f"[reuse] {run}", flush=True)
         return run
     resume = (run / "checkpoints" / "last.pt").is_file()
-    config = load_config(recipe, overrides)
+    config = load_config(recipe, overrides)  # resume: the checkpoint's config, which must be this one
     print(f"[{'resume' if resume else 'train'}] {recipe} {' '.join(overrides)} -> {run}", flush=True)
     start = time.perf_counter()
-    if resume:
-        from skipnet.train.config import build_config, read_recipe
-
-        config = build_config(read_recipe(run / "config.yaml"))
     result = train(config, run, resume=resume, overwrite=not resume, progress=False, data=data)
     log.append({"run": str(run), "recipe": recipe, "overrides": overrides, "seconds": time.perf_counter() - start,
                 "accuracy": result["accuracy"], "mac_reduction": result["mac_reduction"]})
@@ -87,8 +83,6 @@ def main() -> int:
     data = load_data(sp_cfg)
     log: list[dict] = []
 
-    plain = [run_stage(plan["baseline"], runs / f"plain-{name.removeprefix('cifar_')}",
-                       root + [f"model.name={name}", f"train.epochs={total}"], data, log) for name in plan["plain"]]
     sp = run_stage(plan["sp"], runs / "sp", root, data, log)
     init = [f"train.init={sp}"]
     hrl = [run_stage(plan["hrl"], runs / f"hrl-t{t:g}", root + init + [f"train.target_macs={t}"], data, log)
@@ -99,6 +93,8 @@ def main() -> int:
     paper = run_stage(plan["hrl_paper"], runs / "hrl-paper", root + init, data, log)
     calibrate = [run_stage(plan["calibrate"], runs / f"calibrate-t{t:g}", root + init + [f"train.target_macs={t}"],
                            data, log) for t in plan["targets"][:2]]
+    plain = [run_stage(plan["baseline"], runs / f"plain-{name.removeprefix('cifar_')}",
+                       root + [f"model.name={name}", f"train.epochs={total}"], data, log) for name in plan["plain"]]
 
     swept = runs / "sweep"
     table = make_sweep([str(r) for r in hrl + seeds + [paper] + calibrate], plain=[str(r) for r in plain],

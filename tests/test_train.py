@@ -626,3 +626,25 @@ def test_imagenet_recipes_run_end_to_end_on_jpegs_of_mixed_sizes(tmp_path):
     assert train(sp, tmp_path / "sp", progress=False)["images"] == 8
     result = train(hrl, tmp_path / "hrl", progress=False)
     assert result["images"] == 8 and result["finished"] and load_model(tmp_path / "hrl").config.num_classes == 2
+
+
+def test_fit_tau_puts_greedy_compute_at_the_target_on_training_images(tmp_path, sp_run):
+    from skipnet.train.operating import fit_tau, greedy_mac_fraction
+
+    model = load_model(sp_run)
+    with torch.no_grad():  # graded, image-dependent gate probabilities around 0.5
+        model.gates.fc.bias.sub_(model.gates.fc.bias.mean())
+    images = [x for x, _ in BatchLoader(DATA[0], 32, train=False)]
+    span = [greedy_mac_fraction(model, images, t) for t in (0.01, 0.99)]
+    target = 0.5 * (span[0] + span[1])
+    tau, fraction = fit_tau(model, images, target)
+    assert fraction == greedy_mac_fraction(model, images, tau)
+    assert span[0] - span[1] > 0.3 and abs(fraction - target) < 0.1 and 0.01 < tau < 0.99, (span, tau, fraction)
+
+    cfg = _config("hrl", epochs=1, init=str(sp_run), target_macs=0.7, fit_tau=True, fit_images=40)
+    result = train(cfg, tmp_path / "hrl", data=DATA, progress=False)
+    payload = load_checkpoint(tmp_path / "hrl")
+    assert payload["tau"] == result["tau"] and result["tau"] != 0.5
+    first40 = [x for x, _ in BatchLoader(DATA[0], 32, train=False)]
+    first40[1] = first40[1][:8]
+    assert fit_tau(load_model(tmp_path / "hrl"), first40, 0.7)[0] == result["tau"]  # measured on those images

@@ -108,6 +108,8 @@ class TrainSection:
     threshold_gain: float = 0.2  # calibrate: share of the needed threshold shift taken per step
     # --- evaluation and mechanics ---
     tau: float = 0.5  # greedy threshold for evaluation
+    fit_tau: bool = False  # HRL: at the end, set tau so that greedy inference spends target_macs on training
+    fit_images: int = 5000  # images (no labels needed); stored with the run (ours, see train/operating.py)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
@@ -179,6 +181,12 @@ class TrainSection:
                              f"got stage {self.stage!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.fit_tau and (self.stage != "hrl" or self.target_macs is None):
+            raise ValueError("fit_tau sets tau to meet target_macs after an hrl stage: set stage hrl and target_macs")
+        if not 0 <= self.tau <= 1:
+            raise ValueError(f"tau is a probability threshold in [0, 1]; got {self.tau}")
+        if self.fit_images < 1:
+            raise ValueError(f"fit_images must be >= 1; got {self.fit_images}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off; got {self.amp!r}")
 

@@ -31,6 +31,7 @@ from .checkpoint import CheckpointError, build_model_from_checkpoint, load_check
 from .config import RunConfig
 from .device import autocast, resolve_device
 from .evaluate import evaluate
+from .operating import fit_tau
 from .runs import (
     NonFiniteLossError,
     RunBusyError,
@@ -158,15 +159,17 @@ def make_loaders(config: RunConfig, device: torch.device, rank: int, world: int,
         train_b = StreamBatches(config, d.train_split, d.batch_size // world, train=True, device=device,
                                 rank=rank, world=world)
         test_b = StreamBatches(config, d.test_split, d.eval_batch_size, train=False, device=device)
+        fit_b = StreamBatches(config, d.train_split, d.eval_batch_size, train=False, device=device)
         return train_b, test_b, {"num_classes": train_b.num_classes, "in_channels": 3,
-                                 "image_size": train_b.image_size, "name": Path(d.root).name}
+                                 "image_size": train_b.image_size, "name": Path(d.root).name, "train_eval": fit_b}
     train_data, test_data = data or load_data(config)
     train_b = BatchLoader(train_data, d.batch_size // world, train=True, device=device, augment=d.augment,
                           crop_padding=d.crop_padding, flip=d.flip, seed=t.seed, channels_last=t.channels_last,
                           rank=rank, world_size=world)
     test_b = BatchLoader(test_data, d.eval_batch_size, train=False, device=device)
+    fit_b = BatchLoader(train_data, d.eval_batch_size, train=False, device=device)
     return train_b, test_b, {"num_classes": train_data.num_classes, "in_channels": train_data.in_channels,
-                             "image_size": train_data.image_size, "name": train_data.name}
+                             "image_size": train_data.image_size, "name": train_data.name, "train_eval": fit_b}
 
 
 def build_model(cfg: RunConfig, num_classes: int, in_channels: int) -> SkipResNet:
@@ -187,6 +190,21 @@ def init_from(model: SkipResNet, path: str) -> None:
     elif not source.is_gated:  # a plain network's weights into a gated one: gates start fresh
         state = {**model.state_dict(), **state}
     load_state(model, state, path)
+
+
+def fit_operating_tau(model: SkipResNet, batches: Any, cfg) -> float:
+    """Set tau so that greedy inference spends ``target_macs`` on the first ``fit_images`` training images
+    (unaugmented; see :mod:`.operating`)."""
+    images, count = [], 0
+    for x, _ in batches:
+        images.append(x[: cfg.fit_images - count])
+        count += images[-1].shape[0]
+        if count >= cfg.fit_images:
+            break
+    tau, fraction = fit_tau(model, images, cfg.target_macs)
+    log.info("operating tau %.4f: greedy MACs %.3f of the plain network on %d training images (target %.3f)",
+             tau, fraction, count, cfg.target_macs)
+    return tau
 
 
 def sharpen_gates(model: SkipResNet, temperature: float) -> None:
@@ -409,15 +427,17 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, progress: bool,
                 step = train_one_epoch(net, model, stage, optimizers, loader.epoch(epoch, start_step=in_epoch),
                                        step, sched, folder=folder, stop=stop, test_loader=test_loader, bar=bar,
                                        window=window, rank=rank, world=world)
+        if cfg.fit_tau and step >= total and rank == 0:
+            folder.tau = fit_operating_tau(model, info["train_eval"], cfg)
         folder.checkpoint(model, optimizers, stage, step, total)
     finally:
         bar.close()
         folder.close()
     result: dict[str, Any] = {}
     if rank == 0:
-        result = evaluate(model, test_loader, tau=cfg.tau, amp=cfg.amp, progress=progress)
+        result = evaluate(model, test_loader, tau=folder.tau, amp=cfg.amp, progress=progress)
         result.update(step=step, epochs=step / steps_per_epoch, total_steps=total, finished=step >= total,
-                      run_id=folder.run_id)
+                      run_id=folder.run_id, tau=folder.tau)
         folder.finish(result)
     if world > 1:
         dist.barrier()
