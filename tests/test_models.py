@@ -1,5 +1,6 @@
 """The core library: presets, gates, decision modes, executors, compute accounting, torchvision loading."""
 
+import copy
 import os
 from pathlib import Path
 
@@ -362,6 +363,63 @@ def test_bad_configs_and_names():
         ffg(torch.randn(1, 3, 40, 40))
 
 
+def test_model_config_refuses_sizes_that_are_not_positive_integers():
+    for key, value in (("num_classes", 2.5), ("num_classes", "3"), ("in_channels", 0), ("embed_dim", True),
+                       ("hidden_dim", None), ("depth", 20.0)):
+        with pytest.raises(ValueError, match=f"{key} must be a positive integer; got {value!r}"):
+            create_model("cifar_resnet8", **{key: value})
+
+
+@pytest.mark.parametrize("executor", ["masked", "compact"])
+def test_fixed_decisions_must_be_zero_or_one(executor):
+    """2 ran a block "twice" (MACs above the dense network's, masked != compact), -1 gave negative MACs, NaN
+    NaN MACs, 0.5 half a block in masked and none in compact: all refused, naming what came. 0/1 as bool,
+    integer or float is the contract, (B, N) or (N,)."""
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet8").eval()
+    x = torch.randn(3, 3, 32, 32)
+    n = model.num_gates
+    with torch.inference_mode():
+        for bad, shown in ((2.0, "2.0"), (-1.0, "-1.0"), (float("nan"), "nan"), (0.5, "0.5")):
+            d = torch.ones(3, n)
+            d[1, 0] = bad
+            with pytest.raises(ValueError, match=f"values 0 or 1; got 1 other value\\(s\\): {shown}"):
+                model(x, "fixed", decisions=d, executor=executor)
+        with pytest.raises(ValueError, match=f"shape \\(3, {n}\\) or \\({n},\\).*got shape \\(2, {n}\\)"):
+            model(x, "fixed", decisions=torch.ones(2, n), executor=executor)
+        ref = model(x, "fixed", decisions=torch.tensor([1.0, 0.0]).expand(3, -1), executor="masked")
+        for d in (torch.tensor([True, False]), torch.tensor([1, 0]), [1.0, 0.0], torch.tensor([[1.0, 0.0]] * 3)):
+            out = model(x, "fixed", decisions=d, executor=executor)
+            assert out.decisions.tolist() == [[1.0, 0.0]] * 3 and torch.equal(out.macs, ref.macs)
+            torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
+    assert ref.macs.max() <= model.mac_table((32, 32)).dense
+
+
+def test_input_dtype_must_match_the_model():
+    """A float64 or float16 batch into a float32 network was torch's "expected scalar type Double but found
+    Float"; now a ValueError naming both dtypes. A network converted to the batch's dtype runs, masked and
+    compact alike, off the float32-only C kernels (which check the dtype), with the float32 network's
+    decisions; under autocast a float32 batch stays fine."""
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet8").eval()
+    x = torch.randn(4, 3, 32, 32)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=f"model's dtype torch.float32; got {dtype}"):
+            model(x.to(dtype))
+    with torch.inference_mode():
+        ref = model(x, "greedy", executor="compact")
+        for dtype, atol in ((torch.float64, 1e-5), (torch.float16, 2e-2)):
+            other = copy.deepcopy(model).to(dtype)
+            outs = [other(x.to(dtype), "greedy", executor=ex) for ex in ("masked", "compact")]
+            for out in outs:
+                assert out.logits.dtype == dtype and torch.equal(out.decisions.float(), ref.decisions)
+                torch.testing.assert_close(out.logits.float(), ref.logits, rtol=0, atol=atol)
+                assert torch.equal(out.macs, ref.macs)
+            torch.testing.assert_close(outs[0].logits, outs[1].logits, rtol=0, atol=atol)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x, "greedy", executor="compact").logits.dtype == torch.bfloat16
+
+
 def test_config_rebuilds_the_network():
     model = create_model("cifar_resnet20", gate="ffgate2", num_classes=3, in_channels=1)
     clone = skipnet.SkipResNet(skipnet.SkipNetConfig(**model.config.to_dict()))
@@ -400,13 +458,10 @@ def test_host_stepped_gates_match_the_module_path(name, batch):
                                                                                      is not None)
     d = _random_decisions(model, batch, 3)
     cases = [dict(mode="greedy", tau=t) for t in (0.3, 0.5, 0.7)] + [
-        dict(mode="greedy", temperature=0.5), dict(mode="fixed", decisions=d), dict(mode="all"), dict(mode="none"),
-        dict(mode="fixed", decisions=torch.rand(batch, model.num_gates))]  # fractional: masked mixes
+        dict(mode="greedy", temperature=0.5), dict(mode="fixed", decisions=d), dict(mode="all"), dict(mode="none")]
     for kw in cases:
         ref = model(x, **kw)  # autograd on: the general loop
         for executor in ("masked", "compact"):
-            if executor == "compact" and kw["mode"] == "fixed" and not torch.equal(kw["decisions"], d):
-                continue
             with torch.no_grad():
                 fast = model(x, executor=executor, **kw)
             torch.testing.assert_close(fast.probs, ref.probs.detach(), rtol=0, atol=1e-6)

@@ -10,6 +10,7 @@ mode and the executor are chosen per call; the model holds no per-call state.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -58,6 +59,10 @@ class SkipNetConfig:
     hidden_dim: int = 10  # RNN gate: LSTM hidden size
 
     def __post_init__(self) -> None:
+        for name in ("depth", "num_classes", "in_channels", "embed_dim", "hidden_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer; got {v!r} ({type(v).__name__})")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
         if self.arch == "cifar" and (self.depth < 8 or (self.depth - 2) % 6):
@@ -66,9 +71,6 @@ class SkipNetConfig:
             raise ValueError(f"ImageNet-style depth must be one of {sorted(IMAGENET_LAYOUTS)}; got {self.depth}")
         if self.gate not in GATE_TYPES + ("none",):
             raise ValueError(f"unknown gate {self.gate!r}; expected one of {GATE_TYPES + ('none',)}")
-        for name in ("num_classes", "in_channels", "embed_dim", "hidden_dim"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,6 +184,11 @@ class SkipResNet(nn.Module):
             raise ValueError(f"expected {want}; got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"expected {want}; got dtype {x.dtype} (convert images to float and normalise)")
+        weight = self.conv1.weight.dtype
+        if x.dtype != weight and not (torch.is_autocast_enabled(x.device.type)  # (autocast casts these itself)
+                                      and x.dtype in (torch.float32, torch.get_autocast_dtype(x.device.type))):
+            raise ValueError(f"expected a batch of the model's dtype {weight}; got {x.dtype}: convert the batch "
+                             f"(x.to({weight})) or the model (model.to({x.dtype}))")
         if x.shape[0] == 0:
             raise ValueError(f"expected {want}; got an empty batch of shape {tuple(x.shape)}")
         if x.shape[1] != c.in_channels:
@@ -402,15 +409,29 @@ class SkipResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, classes)
 
     def _check_fixed(self, decisions: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        """``decisions`` as float32 (B, N) on ``device``, or ``ValueError``: (B, N) or (N,) values 0 or 1
+        (bool, integer or float). Anything else would run a fractional, negative or NaN share of a block --
+        masked and compact would disagree, and the MACs would be above the dense network's or negative."""
+        want = f"fixed decisions of shape ({batch}, {self.num_gates}) or ({self.num_gates},), values 0 or 1"
         if decisions is None:
-            raise ValueError("mode 'fixed' needs decisions=(B, N) or (N,) 0/1 values")
+            raise ValueError(f"mode 'fixed' needs decisions=: {want}")
         if (type(decisions) is Tensor and decisions.dtype == torch.float32 and decisions.device == device
                 and decisions.shape == (batch, self.num_gates)):
-            return decisions  # (the usual case, without a copy)
-        d = torch.as_tensor(decisions, device=device)
-        if d.dim() == 1:
-            d = d.unsqueeze(0).expand(batch, -1)
-        if d.dim() != 2 or d.shape[0] != batch or d.shape[1] != self.num_gates:
-            raise ValueError(f"expected fixed decisions of shape ({batch}, {self.num_gates}) or ({self.num_gates},); "
-                             f"got {tuple(d.shape)}")
-        return d.float()
+            d = decisions  # (the usual case, without a copy)
+        else:
+            try:
+                d = torch.as_tensor(decisions, device=device)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ValueError(f"expected {want}; got {type(decisions).__name__} ({err})") from err
+            if d.dim() == 1:
+                d = d.unsqueeze(0).expand(batch, -1)
+            if d.dim() != 2 or d.shape[0] != batch or d.shape[1] != self.num_gates:
+                raise ValueError(f"expected {want}; got shape {tuple(d.shape)}")
+            if d.is_complex():
+                raise ValueError(f"expected {want}; got dtype {d.dtype}")
+        if not bool(((d == 0) | (d == 1)).all()):
+            bad = d[(d != 0) & (d != 1)]  # (NaN too)
+            seen = sorted({repr(v) for v in bad.tolist()})
+            raise ValueError(f"expected {want}; got {bad.numel()} other value(s): {', '.join(seen[:5])}"
+                             + (", ..." if len(seen) > 5 else ""))
+        return d if d.dtype == torch.float32 else d.float()
