@@ -244,6 +244,16 @@ class FolderSource:
         return [str(self.archive)] if self.archive is not None else self.paths
 
 
+def brief_error(err: BaseException, limit: int = 120) -> str:
+    """``module.Type: message`` on one line of at most about ``limit`` characters: some readers put what they
+    choked on in the message (zipfile quotes a damaged member header: up to 64 KB of binary)."""
+    kind = type(err)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
+    text = " ".join(str(err).split())
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return f"{name}: {text}" if text else name
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -282,7 +292,7 @@ def _list_zip(archive: Path, split: str) -> FolderSource:
         with zipfile.ZipFile(archive) as zf:
             names = [n for n in zf.namelist() if not n.endswith("/") and _is_image(n)]
     except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{archive}: cannot read zip archive ({e})") from e
+        raise ValueError(f"{archive}: cannot read zip archive ({brief_error(e)})") from e
     prefix = f"{split}/" if names and all(n.startswith(f"{split}/") for n in names) else ""
     by_class: dict[str, list[str]] = {}
     for n in names:
@@ -368,9 +378,14 @@ def _decode_loop(paths: list[str], archive: Path | None, size: tuple[int, int] |
             else:
                 with open(p, "rb") as f:
                     data = f.read()
+        except Exception as e:  # noqa: BLE001 - damaged archives raise BadZipFile, zlib.error, EOFError, ...
+            if zf is None:
+                return out, f"{p}: cannot read the file ({brief_error(e)})"
+            return out, f"{archive}: cannot read member {p} ({brief_error(e)})"
+        try:
             arr = _decode_one(data, p, fast)
         except Exception as e:  # noqa: BLE001 - decoders raise many types for bad files
-            return out, f"{where}: cannot decode image ({type(e).__name__}: {e})"
+            return out, f"{where}: cannot decode image ({brief_error(e)})"
         if size is None:
             size = arr.shape[1:]
         if arr.shape[1:] != tuple(size):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .formats import DatasetNotFoundError
+from .formats import DatasetNotFoundError, brief_error
 from .loader import derive_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,6 +39,18 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def load_rgb(path: str):
+    """An image file as an RGB PIL image (torchvision's ``ImageFolder`` loader), or ``ValueError`` naming the
+    file: PIL's own errors for a damaged JPEG ("Truncated File Read") do not."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f, Image.open(f) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:  # (PIL raises SyntaxError for some damaged headers)
+        raise ValueError(f"{path}: cannot decode image ({brief_error(err)})") from err
 
 
 def stream_transform(train: bool, image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -86,7 +98,7 @@ def make_stream_loader(
     folder = Path(root).expanduser() / split
     if not folder.is_dir():
         raise DatasetNotFoundError(f"{folder} does not exist; expected the ImageFolder layout {folder}/<class>/<image>")
-    dataset = ImageFolder(str(folder), transform=stream_transform(train, image_size, mean, std))
+    dataset = ImageFolder(str(folder), transform=stream_transform(train, image_size, mean, std), loader=load_rgb)
     if sampler is None and world_size > 1:
         sampler = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train
