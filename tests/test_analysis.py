@@ -295,3 +295,59 @@ def test_write_report_end_to_end(tmp_path):
     _valid_png(out / FIGURES["gallery_easy"])
     with pytest.raises(ValueError, match="class_names"):
         write_report(tmp_path / "other", a.routing, model_name="tiny", class_names=["a"])
+
+
+def test_evaluation_refuses_data_of_another_class_count():
+    """A 3-class network on 10-class data reported ~11 % (labels 3..9 just never matched); now both runners
+    refuse a loader of another class count, and labels beyond the model's classes in any batches."""
+    from skipnet.data import BatchLoader, ImageData
+    from skipnet.train import evaluate
+
+    model, x, y, batches = _tiny(classes=3)
+    data = ImageData(torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8), torch.arange(8) % 10,
+                     [str(c) for c in range(10)], (0.5,), (0.25,), "ten")
+    loader = BatchLoader(data, 4, train=False)
+    for run in (lambda b: evaluate(model, b), lambda b: collect_routing(model, b, progress=False)):
+        with pytest.raises(ValueError, match="the model has 3 classes but the data \\(ten\\) has 10"):
+            run(loader)
+        with pytest.raises(ValueError, match="batch 1: labels 0..7, but the model has 3 classes"):
+            run([(x[:4], y[:4]), (x[4:8], torch.tensor([0, 7, 1, 2]))])
+
+
+def test_evaluation_refuses_non_finite_images():
+    """NaN gate probabilities read as "skip": NaN images used to count as images that skip every block."""
+    from skipnet.train import evaluate
+
+    model, x, y, _ = _tiny()
+    bad = x[4:8].clone()
+    bad[1, 0, 3, 3] = float("nan")
+    bad[3] = float("inf")
+    batches = [(x[:4], y[:4]), (bad, y[4:8])]
+    for run in (lambda: evaluate(model, batches), lambda: collect_routing(model, batches, progress=False),
+                lambda: threshold_sweep(model, batches, (0.5,), progress=False)):
+        with pytest.raises(ValueError, match="batch 1: 2 of 4 images hold NaN or infinite values"):
+            run()
+
+
+def test_report_speed_table_and_plain_points(tmp_path, monkeypatch):
+    """The measured speed was a table of raw Python dicts, and the plain ResNet a vertical MAC line without
+    accuracy: now each list of rows is a markdown table, and plain ResNets are accuracy points only."""
+    import skipnet.analysis.plots as plots
+
+    model, x, y, batches = _tiny()
+    a = run_analysis(model, batches, taus=(0.5, 0.6), progress=False)
+    speed = {"rows": [{"executor": "compact", "batch_size": 1, "speedup_vs_dense": 1.234},
+                      {"executor": "compact", "batch_size": 256, "speedup_vs_dense": 1.5}],
+             "environment": {"torch": "2.x", "threads": 1}}
+    calls = []
+    monkeypatch.setattr(plots, "plot_tradeoff", lambda series, path, **kw: calls.append((series, kw)))
+    for k, series in enumerate((None, {"plain ResNet": [(3.0e6, 70.0, "R-8")]})):
+        text = write_report(tmp_path / str(k), a.routing, model_name="tiny", speed=speed, sweep=a.sweep,
+                            tradeoff_series=series).read_text()
+        section = text.split("## Measured speed")[1].split("##")[0]
+        assert "{" not in section
+        assert "| executor | batch_size | speedup_vs_dense |" in section and "| compact | 256 | 1.5 |" in section
+        assert "| environment.threads | 1 |" in section
+        assert "vlines" not in calls[-1][1]
+        assert ("No plain ResNet run was given" in text) == (series is None)
+    assert calls[-1][0]["plain ResNet"] == [(3.0e6, 70.0, "R-8")]

@@ -133,3 +133,13 @@ def test_without_the_dense_executor_there_is_no_speedup():
     assert out[0]["speedup_vs_dense"] is None and "efficiency" not in out[0]
     json.dumps(out, allow_nan=False)
     assert "compact" in format_table(out)
+
+
+def test_bench_help_offers_only_its_own_options(capsys):
+    """The model argument's help spoke of a --data option that `skipnet bench` does not have."""
+    from skipnet.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "--data" not in text and "Gaussian-noise images" in text

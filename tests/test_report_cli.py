@@ -5,9 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from skipnet import create_model
 from skipnet.cli import main
 from skipnet.demo import run_demo
+from skipnet.train import save_checkpoint
 
 from .test_train import _write_idx
 
@@ -37,8 +40,8 @@ def runs(tmp_path_factory, fmnist_root) -> dict[str, Path]:
     for alpha in (0.5, 2.0):
         out[f"hrl{alpha}"] = base / f"hrl{alpha}"
         assert main(["train", "--recipe", "fashion_mnist_hrl", "--init", str(out["sp"]), "--epochs", "1",
-                     "--alpha", str(alpha), "--set", "train.target_macs=none", *common,
-                     "--run-dir", str(out[f"hrl{alpha}"])]) == 0
+                     "--alpha", str(alpha), "--set", "train.target_macs=none", "--set", "train.fit_tau=false",
+                     *common, "--run-dir", str(out[f"hrl{alpha}"])]) == 0
     out["calibrate"] = base / "calibrate"
     assert main(["train", "--recipe", "fashion_mnist_calibrate", "--init", str(out["sp"]), "--epochs", "1", *common,
                  "--run-dir", str(out["calibrate"])]) == 0
@@ -111,3 +114,62 @@ def test_bench_command_json(runs, capsys):
                  "--budget", "0.02", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {r["executor"] for r in rows} == {"dense", "compact"}
+
+
+def _checkpoint(path: Path, fmnist_root: Path, *, num_classes: int = 10, **extra) -> Path:
+    """A checkpoint as a run writes it (random weights): Fashion-MNIST from ``fmnist_root``, one channel."""
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet8", num_classes=num_classes, in_channels=1)
+    data = {"name": "fashion_mnist", "root": str(fmnist_root), "cache_dir": str(path.parent / "cache")}
+    return save_checkpoint(path, {"model_config": model.config.to_dict(), "model": model.state_dict(),
+                                  "run_config": {"data": data, "train": {"stage": "sp"}}, "step": 7,
+                                  "finished": True, **extra})
+
+
+def test_eval_report_sweep_refuse_data_of_another_class_count(fmnist_root, tmp_path, capsys):
+    """A 3-class network evaluated on the 10-class test set used to report ~11 % with exit 0."""
+    ckpt = _checkpoint(tmp_path / "three.pt", fmnist_root, num_classes=3)
+    for argv in (["eval", str(ckpt)], ["report", str(ckpt), "--no-speed", "--out", str(tmp_path / "r")],
+                 ["sweep", str(ckpt), "--out", str(tmp_path / "s")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == ("error: the model has 3 classes but fashion_mnist has 10: evaluate it on data of the "
+                       "classes it was trained on (--data, --data-root)"), argv
+
+
+def test_unfinished_runs_are_marked(fmnist_root, tmp_path, capsys, caplog):
+    """A checkpoint that stopped before the end of its schedule used to look finished to eval, report and bench."""
+    done = _checkpoint(tmp_path / "done.pt", fmnist_root)
+    cut = _checkpoint(tmp_path / "cut.pt", fmnist_root, step=3, finished=False, total_steps=10)
+    old = _checkpoint(tmp_path / "old.pt", fmnist_root, step=3, finished=False)  # no total stored
+    for ckpt, finished, warning in ((done, True, None), (cut, False, f"{cut} did not finish its schedule "
+                                    "(step 3 of 10)"), (old, False, f"{old} did not finish its schedule (step 3)")):
+        caplog.clear()
+        assert main(["eval", str(ckpt), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["finished"] is finished
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == ([warning] if warning else [])
+        assert main(["eval", str(ckpt)]) == 0
+        assert capsys.readouterr().out.strip().endswith("block fraction 100.0%" if finished
+                                                        else "| did not finish its schedule")
+    caplog.clear()
+    out = tmp_path / "report"
+    assert main(["report", str(cut), "--out", str(out), "--no-speed", "--taus", "0.5", "--scales", "1.0",
+                 "--sweep-images", "16"]) == 0
+    head = (out / "report.md").read_text().splitlines()[:3]
+    assert head[2] == f"> **Warning:** {cut} did not finish its schedule (step 3 of 10)"
+    assert json.loads((out / "metrics.json").read_text())["extra"]["finished"] is False
+    caplog.clear()
+    assert main(["bench", str(cut), "--batch-sizes", "2", "--executors", "dense", "compact", "--budget", "0.01",
+                 "--json"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{cut} did not finish its schedule (step 3 of 10)"]
+
+
+def test_report_title_names_the_dataset(fmnist_root, tmp_path):
+    """A Fashion-MNIST network's report was titled "SkipNet cifar-8 (rnn gates)"."""
+    out = tmp_path / "report"
+    assert main(["report", str(_checkpoint(tmp_path / "c.pt", fmnist_root)), "--out", str(out), "--no-speed",
+                 "--taus", "0.5", "--scales", "1.0", "--sweep-images", "16"]) == 0
+    text = (out / "report.md").read_text()
+    assert text.startswith("# SkipNet analysis: SkipNet-8 (RNN gates) on fashion_mnist\n")
+    assert json.loads((out / "metrics.json").read_text())["model"] == "SkipNet-8 (RNN gates) on fashion_mnist"

@@ -99,18 +99,19 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import BatchLoader
-    from .reporting import load_eval_data, load_run
+    from .reporting import load_eval_data, load_run, unfinished
     from .train import evaluate
     from .train.device import resolve_device
 
     device = resolve_device(args.device)
-    model, payload = load_run(args.checkpoint, device)
+    model, payload = load_run(args.checkpoint, device)  # (warns when the run did not finish)
     data = load_eval_data(payload, args.data, args.data_root, args.split)
     loader = BatchLoader(data, args.batch_size, train=False, device=device)
     result = evaluate(model, loader, mode=args.mode, tau=args.tau, executor=args.executor,
                       progress=not args.json and sys.stderr.isatty())
-    result.update(checkpoint=str(args.checkpoint), data=data.name, split=args.split or "test")
-    print(json.dumps(result) if args.json else _summary(result))
+    note = unfinished(payload, args.checkpoint)
+    result.update(checkpoint=str(args.checkpoint), data=data.name, split=args.split or "test", finished=not note)
+    print(json.dumps(result) if args.json else _summary(result) + (" | did not finish its schedule" if note else ""))
     return 0
 
 
@@ -225,7 +226,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                    "masked, compact and per-image executors, next to the ideal (MAC) speed-up.")
     p.add_argument("model", nargs="?", default="cifar_resnet110",
                    help="a preset (random weights, random decisions at --rates) or a checkpoint/run folder "
-                        "(its own greedy decisions on its test images when --data is given, else on noise)")
+                        "(its own greedy decisions, on Gaussian-noise images; `skipnet report` times a run on "
+                        "its test images)")
     p.add_argument("--gate", default="rnn", help="gate design for a preset")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256], help="batch sizes")
     p.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0],
@@ -254,9 +256,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model: Any = args.model
     kwargs: dict[str, Any] = {}
     if Path(args.model).exists():
-        from .train import load_model
+        from .reporting import load_run
 
-        model = load_model(args.model)
+        model = load_run(args.model, torch.device("cpu"))[0]  # (warns when the run did not finish)
         kwargs["decisions_from_model"] = True
     rows = run_bench(model, batch_sizes=args.batch_sizes, exec_rates=args.rates, executors=args.executors,
                      device=args.device, dtype=dtype, budget_s=args.budget, gate=args.gate,

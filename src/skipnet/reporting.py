@@ -26,13 +26,32 @@ def load_eval_data(payload: dict[str, Any], data: str | None = None, root: str |
         raise ValueError("this checkpoint does not say which data it was trained on: pass --data")
     root = root if root is not None else (run.get("root") if name == run.get("name") else None)
     cache = run.get("cache_dir")
-    return load_dataset(name, root, split or run.get("test_split", "test"), cache_dir=Path(cache) if cache else None)
+    test = load_dataset(name, root, split or run.get("test_split", "test"), cache_dir=Path(cache) if cache else None)
+    classes = payload.get("model_config", {}).get("num_classes")
+    if classes is not None and test.num_classes != classes:
+        raise ValueError(f"the model has {classes} classes but {name} has {test.num_classes}: evaluate it on "
+                         f"data of the classes it was trained on (--data, --data-root)")
+    return test
 
 
-def load_run(path: str | Path, device: torch.device) -> tuple[Any, dict[str, Any]]:
+def load_run(path: str | Path, device: torch.device, *, warn: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The network of a checkpoint or run folder on ``device``, in eval mode, and the checkpoint; logs a
+    warning (unless not ``warn``) when its run did not finish its schedule (:func:`unfinished`)."""
     payload = load_checkpoint(path)
     model = build_model_from_checkpoint(payload, path).to(device).eval()
+    note = unfinished(payload, path)
+    if note and warn:
+        log.warning("%s", note)
     return model, payload
+
+
+def unfinished(payload: dict[str, Any], path: str | Path) -> str | None:
+    """A warning when the checkpoint is not the end of its run's training schedule (stopped by a signal, a
+    crash or ``max_steps``, or a checkpoint taken mid-run), else ``None``."""
+    if payload.get("finished", True):
+        return None
+    step, total = payload.get("step"), payload.get("total_steps")
+    return f"{path} did not finish its schedule (step {step}{'' if total is None else f' of {total}'})"
 
 
 def run_label(payload: dict[str, Any]) -> str:
@@ -82,6 +101,7 @@ def make_report(checkpoint: str | Path, *, data: str | None = None, data_root: s
     model, payload = load_run(checkpoint, dev)
     if not model.is_gated:
         raise ValueError(f"{checkpoint} holds a plain ResNet; a report analyses a SkipNet (pass it as --plain)")
+    notes = [unfinished(payload, checkpoint)]
     test = test_data or load_eval_data(payload, data, data_root, split)
     loader = BatchLoader(test, batch_size, train=False, device=dev)
     analysis = run_analysis(model, loader, tau=tau, taus=taus, scales=scales, executor="compact",
@@ -89,24 +109,35 @@ def make_report(checkpoint: str | Path, *, data: str | None = None, data_root: s
     series: dict[str, list] = {}
     for path in compare:
         m, p = load_run(path, dev)
+        notes.append(unfinished(p, path))
         r = evaluate(m, loader, tau=tau, executor="compact")
         series.setdefault("SkipNet runs", []).append((r["macs_per_image"], r["accuracy"], run_label(p)))
-    for path in plain:
+    for path in plain:  # accuracy points, as in make_sweep
         m, p = load_run(path, dev)
+        notes.append(unfinished(p, path))
         r = evaluate(m, loader)
         series.setdefault("plain ResNet", []).append((r["macs_per_image"], r["accuracy"], run_label(p)))
     speed_numbers = speed if isinstance(speed, dict) else (measure_speed(model, test, device=str(dev))
                                                            if speed else None)
     ckpt = Path(checkpoint)
     out = Path(out) if out else (ckpt if ckpt.is_dir() else ckpt.parent) / "report"
-    cfg = model.config
     return write_report(
-        out, analysis.routing, model_name=f"SkipNet {cfg.arch}-{cfg.depth} ({cfg.gate} gates)",
+        out, analysis.routing, model_name=f"{model_title(model.config)} on {test.name}",
         class_names=test.classes, images_for_gallery=test.images, speed=speed_numbers,
         scale_analysis=analysis.scales, sweep=analysis.sweep, tradeoff_series=series or None,
         extra={"checkpoint": str(checkpoint), "data": test.name, "tau": tau,
-               "stage": payload.get("run_config", {}).get("train", {}).get("stage")},
-        overwrite=overwrite)
+               "stage": payload.get("run_config", {}).get("train", {}).get("stage"),
+               "finished": payload.get("finished", True)},
+        notes=[n for n in notes if n], overwrite=overwrite)
+
+
+GATE_NAMES = {"rnn": "RNN", "ffgate1": "FFGate-I", "ffgate2": "FFGate-II"}
+
+
+def model_title(cfg: Any) -> str:
+    """``SkipNet-20 (RNN gates)``; ImageNet-layout networks say so (depth 152 exists in both layouts)."""
+    layout = ", ImageNet layout" if cfg.arch == "imagenet" else ""
+    return f"SkipNet-{cfg.depth} ({GATE_NAMES.get(cfg.gate, cfg.gate)} gates{layout})"
 
 
 SERIES_NAMES = {"hrl": "SkipNet SP→HRL", "calibrate": "calibrate (ours: global τ + fine-tuning)",
@@ -151,7 +182,14 @@ def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence
         raise ValueError("make_sweep needs at least one run")
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    _, payload = load_run((list(runs) or list(plain))[0], dev)
+    warned: set[str] = set()
+
+    def load(path: str) -> tuple[Any, dict[str, Any]]:  # load_run, naming each unfinished run once
+        loaded = load_run(path, dev, warn=str(path) not in warned)
+        warned.add(str(path))
+        return loaded
+
+    _, payload = load((list(runs) or list(plain))[0])
     test = load_eval_data(payload, data, data_root, split)
     loader = BatchLoader(test, batch_size, train=False, device=dev)
     table: list[dict[str, Any]] = []
@@ -162,14 +200,14 @@ def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence
                       **({"exec_rates": r["exec_rates"]} if "exec_rates" in r else {})})
 
     for path in (list(runs[:1]) if sweep is None else list(sweep)) if taus else []:
-        m, p = load_run(path, dev)
+        m, p = load(path)
         for row in threshold_sweep(m, loader, taus, executor="compact", progress=progress):
             table.append({"series": f"τ sweep ({run_series(p)}, {Path(path).name})", "label": f"τ={row['tau']:g}",
                           "accuracy": row["accuracy"], "macs": row["mean_macs"], "reduction": row["reduction_pct"],
                           "run": str(path)})
-    source = load_run(random_from, dev)[0] if random_from else None
+    source = load(random_from)[0] if random_from else None
     for path in runs:
-        m, p = load_run(path, dev)
+        m, p = load(path)
         r = evaluate(m, loader, executor="compact")
         add(run_series(p), run_label(p), r, path)
         if source is not None and m.is_gated:
@@ -182,7 +220,7 @@ def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence
                 rr = random_skipping(m, loader, r["exec_rates"], seed=seed)
                 add("random skipping (each run's own weights)", label, rr, path)
     for path in plain:
-        m, p = load_run(path, dev)
+        m, p = load(path)
         add("plain ResNet", run_label(p), evaluate(m, loader), path)
     series: dict[str, list] = {}
     for row in table:

@@ -75,6 +75,20 @@ def _flatten(d: Mapping, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+def _speed_markdown(speed: Mapping) -> str:
+    """The measured-speed numbers: each list of rows (dicts) as a table of its own, the rest as key / value."""
+    tables, rest = [], {}
+    for key, v in speed.items():
+        if isinstance(v, (list, tuple)) and v and all(isinstance(row, Mapping) for row in v):
+            cols = list(dict.fromkeys(c for row in v for c in row))
+            tables += [f"`{key}`:", "", _table(cols, [[_value(row.get(c, "–")) for c in cols] for row in v]), ""]
+        else:
+            rest[key] = v
+    if rest:
+        tables += [_table(["measurement", "value"], [[k, _value(v)] for k, v in _flatten(rest)]), ""]
+    return "\n".join(tables).rstrip()
+
+
 def _value(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -153,6 +167,7 @@ def write_report(
     sweep: Sequence[Mapping] | None = None,
     tradeoff_series: Mapping[str, Sequence[Sequence]] | None = None,
     extra: Mapping | None = None,
+    notes: Sequence[str] = (),
     gallery_size: int = 16,
     top_paths: int = 10,
     overwrite: bool = False,
@@ -163,10 +178,12 @@ def write_report(
     [0, 1] after ``unnormalize``), a mapping index -> image (e.g. from
     :func:`~skipnet.analysis.routing.gather_images`) or a callable index -> image; None skips the galleries.
     ``unnormalize``: a callable image -> image or ``(mean, std)`` per channel, applied before display.
-    ``speed``: measured latency / speed-up numbers (free-form, nested dicts allowed), shown as given.
+    ``speed``: measured latency / speed-up numbers (free-form, nested dicts allowed; a list of dicts becomes a
+    table of its own).
     ``scale_analysis`` / ``sweep``: rows from :func:`input_scale_analysis` / :func:`threshold_sweep`.
     ``tradeoff_series``: ``{name: [(macs, top-1 %[, label]), ...]}`` (e.g. HRL runs at several alpha, plain
-    ResNets of several depths); the tau sweep is added as its own series. ``extra``: anything else to record.
+    ResNets of several depths, as accuracy points); the tau sweep is added as its own series. ``extra``:
+    anything else to record. ``notes``: warnings shown at the top of the report (e.g. an unfinished run).
 
     Refuses (``FileExistsError``) to write into a non-empty folder unless ``overwrite=True``, which removes
     only the files this function writes.
@@ -244,9 +261,7 @@ def write_report(
     if sweep:
         series[f"{model_name}, τ sweep"] = [(row["mean_macs"], row["accuracy"], f"τ={row['tau']:g}") for row in sweep]
     if series:
-        fig("tradeoff", lambda p: P.plot_tradeoff(
-            series, p, title=f"{model_name}: accuracy vs compute",
-            vlines={"plain ResNet, same depth": r.plain_macs}))
+        fig("tradeoff", lambda p: P.plot_tradeoff(series, p, title=f"{model_name}: accuracy vs compute"))
 
     metrics = {
         "model": model_name,
@@ -272,13 +287,14 @@ def write_report(
         "threshold_sweep": list(sweep) if sweep else None,
         "tradeoff_series": series or None,
         "extra": extra,
+        "notes": list(notes),
         "figures": figs,
         "environment": _environment(),
     }
     (out_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2, allow_nan=False) + "\n")
 
     md = _markdown(r, model_name, mode, names, summary, rates, class_acc, class_count, class_mean, by_blocks,
-                   n_paths, paths, figs, speed, scale_analysis, sweep, extra, div, unit)
+                   n_paths, paths, figs, speed, scale_analysis, sweep, extra, notes, series, div, unit)
     path = out_dir / "report.md"
     path.write_text(md)
     log.info("wrote report to %s (%d figures, %.1f s)", out_dir, len(figs), time.perf_counter() - t0)
@@ -286,10 +302,13 @@ def write_report(
 
 
 def _markdown(r, model_name, mode, names, summary, rates, class_acc, class_count, class_mean, by_blocks, n_paths,
-              paths, figs, speed, scale_analysis, sweep, extra, div, unit) -> str:
+              paths, figs, speed, scale_analysis, sweep, extra, notes, series, div, unit) -> str:
     m = summary["macs"]
     size = f"{r.input_size[0]}×{r.input_size[1]}" if r.input_size else "mixed"
-    out = [f"# SkipNet analysis: {model_name}", "",
+    out = [f"# SkipNet analysis: {model_name}", ""]
+    out += [f"> **Warning:** {note}" + ("" if k + 1 == len(notes) else "  ") for k, note in enumerate(notes)]
+    out += [""] if notes else []
+    out += [
            f"{r.num_images} images ({size}), {r.num_classes} classes, {r.num_gates} gates / {r.num_blocks} blocks; "
            f"decisions: {mode}.", "", "## Headline", ""]
     rows = [["top-1 accuracy", f"{summary['top1']:.2f}%"]]
@@ -311,8 +330,7 @@ def _markdown(r, model_name, mode, names, summary, rates, class_acc, class_count
             "downsampling block still pays for its projection shortcut. Reduction = 100·(1 − mean / plain). "
             "Block fraction = (1 + Σ per-gate execution rate) / (G + 1).", ""]
     if speed:
-        out += ["## Measured speed", "", _table(["measurement", "value"],
-                                                [[k, _value(v)] for k, v in _flatten(speed)]), ""]
+        out += ["## Measured speed", "", _speed_markdown(speed), ""]
     out += ["## Per-block execution rate", "", f"![per-block execution rate]({figs['block_rates']})", "",
             "<details><summary>table</summary>", ""]
     trans = {i for i in range(1, r.num_blocks) if r.stage_of_block[i] != r.stage_of_block[i - 1]}
@@ -358,6 +376,9 @@ def _markdown(r, model_name, mode, names, summary, rates, class_acc, class_count
         out += ["## Accuracy vs compute", ""]
         if "tradeoff" in figs:
             out += [f"![trade-off]({figs['tradeoff']})", ""]
+            if not any(name.startswith("plain") for name in series):
+                out += [f"No plain ResNet run was given to place as an accuracy point (`skipnet report --plain "
+                        f"RUN`); the plain ResNet of this depth costs {m['plain'] / div:.2f} {unit} per image.", ""]
         if sweep:
             out += ["Greedy threshold τ: a block runs when its gate's probability ≥ τ (one forward pass per τ).", "",
                     _table(["τ", "top-1", f"mean MACs ({unit})", "reduction vs plain", "block fraction", "mean blocks"],

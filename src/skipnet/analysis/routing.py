@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..data.loader import check_class_count, check_eval_batch
+
 log = logging.getLogger(__name__)
 
 TOPK = 5  # predictions kept per image (fewer when there are fewer classes)
@@ -240,6 +242,7 @@ def _run(
     limits = list(limits) if limits is not None else [None] * len(settings)
     if any(n is not None and n < 1 for n in limits):
         raise ValueError(f"image limits must be positive; got {limits}")
+    check_class_count(batches, model.config.num_classes)
     dev = _device_of(model, device)
     if decisions is not None:
         decisions = torch.as_tensor(decisions).detach().to("cpu", torch.float32)
@@ -254,11 +257,12 @@ def _run(
     try:
         with torch.inference_mode():
             bar = tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress, leave=False)
-            for x, y in bar:
+            for index, (x, y) in enumerate(bar):
                 if all(n is not None and offset >= n for n in limits):
                     break  # every setting has all the images it asked for
                 x = x.to(dev, non_blocking=True)
                 y = torch.as_tensor(y)
+                check_eval_batch(x, y, model.config.num_classes, index)
                 b = x.shape[0]
                 fixed = _fixed_rows(decisions, offset, b)
                 for rec, s, n in zip(recorders, settings, limits):

@@ -87,7 +87,7 @@ class BatchLoader:
         self.augment = train and augment and (crop_padding > 0 or flip)
         self.drop_last = train if drop_last is None else drop_last
         self.channels_last, self.dtype = channels_last, dtype
-        self.classes, self.num_classes = list(data.classes), data.num_classes
+        self.classes, self.num_classes, self.name = list(data.classes), data.num_classes, data.name
         self.images = data.images.to(self.device)  # uint8, moved once
         self.labels = data.labels.to(self.device)
         c = data.in_channels
@@ -155,3 +155,29 @@ class BatchLoader:
         if self.train:
             raise TypeError("a training BatchLoader is iterated with loader.epoch(epoch), which fixes its order")
         return self.epoch(0)
+
+
+def check_class_count(batches: object, num_classes: int) -> None:
+    """Refuse to evaluate a ``num_classes`` model on batches of a loader (anything with a ``num_classes``,
+    such as :class:`BatchLoader`) of another class count: its accuracy would be a number without meaning."""
+    have = getattr(batches, "num_classes", None)
+    if have is not None and int(have) != num_classes:
+        name = getattr(batches, "name", None)
+        raise ValueError(f"the model has {num_classes} classes but the data{f' ({name})' if name else ''} has "
+                         f"{have}: evaluate it on data of the classes it was trained on")
+
+
+def check_eval_batch(x: Tensor, y: Tensor, num_classes: int, index: int) -> None:
+    """Refuse evaluation batch ``index`` (counted from 0) when it would give a silently wrong result: images
+    holding NaN or infinite values (a NaN gate probability reads as "skip": they would count as images that
+    skip every block) or labels outside ``0 .. num_classes - 1``."""
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).flatten(1).any(1).sum())
+        raise ValueError(f"batch {index}: {bad} of {x.shape[0]} images hold NaN or infinite values; expected "
+                         "finite (normalised) images")
+    if y.numel():
+        low, high = (int(v) for v in torch.aminmax(y))
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"batch {index}: labels {low}..{high}, but the model has {num_classes} classes "
+                             f"(expected labels 0..{num_classes - 1})")

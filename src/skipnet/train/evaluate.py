@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..data.loader import check_class_count, check_eval_batch
 from ..models import SkipResNet
 
 
@@ -16,9 +17,11 @@ def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tens
     """Top-1 accuracy (%), mean/std MACs per image (gates included), the plain ResNet's MACs
     (``dense_macs_per_image``), the reduction vs it (%), the authors' block fraction (%), and per-gate
     execution rates. The model is put in eval mode. ``decisions`` (mode ``fixed``): called with each batch's
-    size, returns that batch's (B, N) decisions."""
+    size, returns that batch's (B, N) decisions. Refuses (``ValueError``) a loader of another class count than
+    the model's, labels beyond it, and images holding NaN or infinite values."""
     if (mode == "fixed") != (decisions is not None):
         raise ValueError("mode 'fixed' goes with decisions (a function of the batch size), and only it")
+    check_class_count(batches, model.config.num_classes)
     from tqdm.auto import tqdm
 
     from .device import autocast
@@ -30,7 +33,8 @@ def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tens
     exec_sum: torch.Tensor | None = None
     size = None
     with torch.inference_mode(), autocast(device, amp):
-        for x, y in tqdm(batches, disable=not progress, desc="eval", unit="batch", leave=False):
+        for index, (x, y) in enumerate(tqdm(batches, disable=not progress, desc="eval", unit="batch", leave=False)):
+            check_eval_batch(x, y, model.config.num_classes, index)
             if not model.is_gated:
                 out = model(x)
             elif decisions is not None:
