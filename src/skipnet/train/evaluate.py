@@ -22,8 +22,7 @@ def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tens
     if (mode == "fixed") != (decisions is not None):
         raise ValueError("mode 'fixed' goes with decisions (a function of the batch size), and only it")
     check_class_count(batches, model.config.num_classes)
-    from tqdm.auto import tqdm
-
+    from ..progress import track
     from .device import autocast
 
     model.eval()
@@ -33,7 +32,7 @@ def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tens
     exec_sum: torch.Tensor | None = None
     size = None
     with torch.inference_mode(), autocast(device, amp):
-        for index, (x, y) in enumerate(tqdm(batches, disable=not progress, desc="eval", unit="batch", leave=False)):
+        for index, (x, y) in enumerate(track(batches, enabled=progress, desc="eval", unit="batch")):
             check_eval_batch(x, y, model.config.num_classes, index)
             if not model.is_gated:
                 out = model(x)
