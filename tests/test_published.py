@@ -32,7 +32,7 @@ def test_published_weights_load_by_name_and_verify_their_hash(tmp_path, finished
     assert not model.training and model.config.depth == 8
     info = skipnet.pretrained_info("toy8", root=tmp_path)
     assert info["sha256"] == sha256(path) and info["accuracy"] == 50.0
-    assert fingerprint(model, (12, 12)) != info["fingerprint"]  # recorded at 32x32: the size matters
+    assert fingerprint(model, info["tau"], (12, 12)) != info["fingerprint"]  # recorded at 32x32: the size matters
     with pytest.raises(ValueError, match="no published weights named 'nope'; known: toy8"):
         skipnet.pretrained("nope", root=tmp_path)
     data = bytearray(path.read_bytes())
@@ -58,7 +58,7 @@ def test_only_finished_runs_are_published(tmp_path):
 def test_shipped_weights_compute_what_they_computed_when_published(name):
     model = skipnet.pretrained(name)
     info = skipnet.pretrained_info(name)
-    got = fingerprint(model)
+    got = fingerprint(model, info["tau"])
     assert got["decisions"] == info["fingerprint"]["decisions"]
     torch.testing.assert_close(torch.tensor(got["logits"]), torch.tensor(info["fingerprint"]["logits"]),
                                atol=2e-3, rtol=1e-3)
@@ -82,7 +82,7 @@ def test_shipped_cifar10_weights_reach_their_recorded_accuracy_on_a_slice(name):
     test = load_dataset("imagefolder", str(CIFAR), "test")
     sl = info["slice"]  # every k-th test image: all classes
     test = test.subset(torch.arange(sl["start"], len(test), sl["step"]))
-    result = evaluate(skipnet.pretrained(name), BatchLoader(test, 500, train=False), progress=False)
+    result = evaluate(skipnet.pretrained(name), BatchLoader(test, 500, train=False), tau=info["tau"], progress=False)
     assert result["images"] == sl["images"]
     assert result["accuracy"] == pytest.approx(sl["accuracy"], abs=0.3)
     assert result["mac_reduction"] == pytest.approx(sl["mac_reduction"], abs=0.5)

@@ -173,3 +173,22 @@ def test_report_title_names_the_dataset(fmnist_root, tmp_path):
     text = (out / "report.md").read_text()
     assert text.startswith("# SkipNet analysis: SkipNet-8 (RNN gates) on fashion_mnist\n")
     assert json.loads((out / "metrics.json").read_text())["model"] == "SkipNet-8 (RNN gates) on fashion_mnist"
+
+
+def test_eval_and_sweep_use_the_runs_own_tau(runs, tmp_path, capsys):
+    from skipnet.train import load_checkpoint
+
+    run = tmp_path / "fitted"
+    payload = load_checkpoint(runs["hrl0.5"])
+    save_checkpoint(run / "checkpoints" / "last.pt", {**payload, "tau": 0.8})  # as fit_tau stores it
+    assert main(["eval", str(run), "--json"]) == 0
+    own = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", str(run), "--json", "--tau", "0.8"]) == 0
+    explicit = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", str(runs["hrl0.5"]), "--json"]) == 0
+    default = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert own["tau"] == 0.8 and default["tau"] == 0.5
+    assert own["macs_per_image"] == explicit["macs_per_image"] and own["accuracy"] == explicit["accuracy"]
+    assert main(["sweep", str(run), "--taus", "--out", str(tmp_path / "sw"), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    assert row["tau"] == 0.8 and row["macs"] == own["macs_per_image"]

@@ -84,12 +84,13 @@ def _summary(r: dict[str, Any]) -> str:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint or run folder on a test set",
                        description="Evaluate a trained network: accuracy, MACs per image, reduction, block fraction.")
-    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("checkpoint", help="checkpoint file, run folder, or published name (skipnet.list_pretrained())")
     p.add_argument("--data", default=None, help="dataset name (default: the one the run was trained on)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the run's, else the standard place)")
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's test split)")
     p.add_argument("--mode", default="greedy", help="decision mode: greedy, all, none, sample, ...")
-    p.add_argument("--tau", type=float, default=0.5, help="greedy threshold: higher skips more")
+    p.add_argument("--tau", type=float, default=None,
+                   help="greedy threshold: higher skips more (default: the run's own, 0.5 unless fitted)")
     p.add_argument("--executor", default="compact", choices=["masked", "compact"], help="how blocks are run")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -99,7 +100,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import BatchLoader
-    from .reporting import load_eval_data, load_run, unfinished
+    from .reporting import load_eval_data, load_run, run_tau, unfinished
     from .train import evaluate
     from .train.device import resolve_device
 
@@ -107,10 +108,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, payload = load_run(args.checkpoint, device)  # (warns when the run did not finish)
     data = load_eval_data(payload, args.data, args.data_root, args.split)
     loader = BatchLoader(data, args.batch_size, train=False, device=device)
-    result = evaluate(model, loader, mode=args.mode, tau=args.tau, executor=args.executor,
+    tau = run_tau(payload) if args.tau is None else args.tau
+    result = evaluate(model, loader, mode=args.mode, tau=tau, executor=args.executor,
                       progress=not args.json and sys.stderr.isatty())
     note = unfinished(payload, args.checkpoint)
-    result.update(checkpoint=str(args.checkpoint), data=data.name, split=args.split or "test", finished=not note)
+    result.update(checkpoint=str(args.checkpoint), data=data.name, split=args.split or "test", finished=not note,
+                  tau=tau)
     print(json.dumps(result) if args.json else _summary(result) + (" | did not finish its schedule" if note else ""))
     return 0
 
@@ -142,12 +145,12 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
                        description="Accuracy, MACs, measured speed-up, per-block and per-class routing, galleries, "
                                    "paths, input-scale analysis and a threshold sweep, as report.md + PNGs + "
                                    "metrics.json.")
-    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("checkpoint", help="checkpoint file, run folder, or published name (skipnet.list_pretrained())")
     p.add_argument("--data", default=None, help="dataset name (default: the one the run was trained on)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the run's)")
     p.add_argument("--split", default=None, help="split to analyse (default: the run's test split)")
     p.add_argument("--out", default=None, help="report folder (default: <run folder>/report)")
-    p.add_argument("--tau", type=float, default=0.5, help="the operating threshold")
+    p.add_argument("--tau", type=float, default=None, help="the operating threshold (default: the run's own)")
     p.add_argument("--taus", type=float, nargs="*", default=list(SWEEP_TAUS), help="thresholds of the sweep")
     p.add_argument("--scales", type=float, nargs="*", default=[0.75, 1.0, 1.25, 1.5],
                    help="input rescalings of the input-scale analysis")
@@ -255,11 +258,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     model: Any = args.model
     kwargs: dict[str, Any] = {}
-    if Path(args.model).exists():
-        from .reporting import load_run
+    if Path(args.model).exists() or args.model in __import__("skipnet").list_pretrained():
+        from .reporting import load_run, run_tau
 
-        model = load_run(args.model, torch.device("cpu"))[0]  # (warns when the run did not finish)
-        kwargs["decisions_from_model"] = True
+        model, payload = load_run(args.model, torch.device("cpu"))  # (warns when the run did not finish)
+        size = payload.get("image_size") or (
+            [28, 28] if payload.get("run_config", {}).get("data", {}).get("name") == "fashion_mnist" else None)
+        kwargs.update(decisions_from_model=True, tau=run_tau(payload), input_size=tuple(size) if size else None)
     rows = run_bench(model, batch_sizes=args.batch_sizes, exec_rates=args.rates, executors=args.executors,
                      device=args.device, dtype=dtype, budget_s=args.budget, gate=args.gate,
                      min_images=args.min_images, **kwargs)

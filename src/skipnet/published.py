@@ -55,9 +55,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def pretrained(name: str, map_location: str | torch.device = "cpu", root: Path | None = None) -> SkipResNet:
-    """The published network ``name`` in eval mode, after checking its file's SHA-256 against the index."""
-    from .train.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
+def published_path(name: str, root: Path | None = None) -> Path:
+    """The file of the published network ``name``, after checking its SHA-256 against the index."""
+    from .train.checkpoint import CheckpointError
 
     info = pretrained_info(name, root)
     path = (root or weights_dir()) / info["file"]
@@ -67,6 +67,15 @@ def pretrained(name: str, map_location: str | torch.device = "cpu", root: Path |
     if found != info["sha256"]:
         raise CheckpointError(f"{path} has SHA-256 {found}, but {name!r} was published with {info['sha256']}: "
                               "the file is damaged or not the published one (a Git LFS pointer?)")
+    return path
+
+
+def pretrained(name: str, map_location: str | torch.device = "cpu", root: Path | None = None) -> SkipResNet:
+    """The published network ``name`` in eval mode, after checking its file's SHA-256 against the index.
+    Evaluate a SkipNet at ``pretrained_info(name)["tau"]``, the threshold it was published at."""
+    from .train.checkpoint import build_model_from_checkpoint, load_checkpoint
+
+    path = published_path(name, root)
     return build_model_from_checkpoint(load_checkpoint(path, map_location), path).eval()
 
 
@@ -76,13 +85,14 @@ def stored_config(name: str, root: Path | None = None) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def fingerprint(model: SkipResNet, image_size: tuple[int, int] = (32, 32)) -> dict[str, list]:
-    """The model's greedy logits (rounded to 1e-4) and gate decisions on a fixed batch of seeded noise."""
+def fingerprint(model: SkipResNet, tau: float = 0.5, image_size: tuple[int, int] = (32, 32)) -> dict[str, list]:
+    """The model's greedy logits at ``tau`` (rounded to 1e-4) and gate decisions on a fixed batch of seeded
+    noise."""
     model.eval()
     g = torch.Generator().manual_seed(FINGERPRINT_SEED)
     x = torch.randn(FINGERPRINT_IMAGES, model.config.in_channels, *image_size, generator=g)
     device = next(model.parameters()).device
-    out = model(x.to(device), "greedy") if model.is_gated else model(x.to(device))
+    out = model(x.to(device), "greedy", tau=tau) if model.is_gated else model(x.to(device))
     logits = [[round(v, 4) for v in row] for row in out.logits.float().cpu().tolist()]
     decisions = out.decisions.int().cpu().tolist() if out.decisions is not None else []
     return {"logits": logits, "decisions": decisions}
@@ -100,10 +110,11 @@ def publish(run: str | Path, name: str, record: dict[str, Any], root: Path | Non
         raise CheckpointError(f"{run} did not finish its schedule; publish finished runs only")
     model = build_model_from_checkpoint(payload, run).eval()
     path = root / f"{name}.pt"
+    tau = payload.get("tau", payload.get("run_config", {}).get("train", {}).get("tau", 0.5))
     save_checkpoint(path, {"model_config": payload["model_config"], "model": model.state_dict(), "finished": True,
-                           "step": payload["step"]})
+                           "step": payload["step"], "run_config": payload.get("run_config", {}), "tau": tau})
     index = _index(root)
     index[name] = {**record, "file": path.name, "sha256": sha256(path), "model_config": payload["model_config"],
-                   "fingerprint": fingerprint(model)}
+                   "tau": tau, "fingerprint": fingerprint(model, tau)}
     (root / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return path

@@ -37,12 +37,24 @@ def load_eval_data(payload: dict[str, Any], data: str | None = None, root: str |
 def load_run(path: str | Path, device: torch.device, *, warn: bool = True) -> tuple[Any, dict[str, Any]]:
     """The network of a checkpoint or run folder on ``device``, in eval mode, and the checkpoint; logs a
     warning (unless not ``warn``) when its run did not finish its schedule (:func:`unfinished`)."""
+    from .published import list_pretrained, published_path
+
+    if not Path(path).exists() and str(path) in list_pretrained():
+        path = published_path(str(path))  # a published network by name (its hash checked)
     payload = load_checkpoint(path)
     model = build_model_from_checkpoint(payload, path).to(device).eval()
     note = unfinished(payload, path)
     if note and warn:
         log.warning("%s", note)
     return model, payload
+
+
+def run_tau(payload: dict[str, Any]) -> float:
+    """The greedy threshold a run is evaluated at: the one fitted to its compute target (``fit_tau``), else
+    its config's ``tau`` (0.5 unless set)."""
+    if payload.get("tau") is not None:
+        return float(payload["tau"])
+    return float(payload.get("run_config", {}).get("train", {}).get("tau", 0.5))
 
 
 def unfinished(payload: dict[str, Any], path: str | Path) -> str | None:
@@ -88,12 +100,13 @@ def measure_speed(model, data: ImageData, batch_sizes: Sequence[int] = (1, 256),
 
 
 def make_report(checkpoint: str | Path, *, data: str | None = None, data_root: str | None = None,
-                split: str | None = None, out: str | Path | None = None, tau: float = 0.5,
+                split: str | None = None, out: str | Path | None = None, tau: float | None = None,
                 taus: Sequence[float] = (), scales: Sequence[float] = (), sweep_images: int | None = 5000,
                 compare: Sequence[str] = (), plain: Sequence[str] = (), speed: bool | dict = True,
                 overwrite: bool = False, batch_size: int = 500, device: str = "auto", progress: bool = False,
                 test_data: ImageData | None = None) -> Path:
-    """Analyse a trained network and write its report folder; returns the path of ``report.md``."""
+    """Analyse a trained network and write its report folder; returns the path of ``report.md``. ``tau``:
+    the operating threshold (default: the run's own, :func:`run_tau`)."""
     from .analysis import run_analysis, write_report
     from .train.device import resolve_device
 
@@ -102,6 +115,7 @@ def make_report(checkpoint: str | Path, *, data: str | None = None, data_root: s
     if not model.is_gated:
         raise ValueError(f"{checkpoint} holds a plain ResNet; a report analyses a SkipNet (pass it as --plain)")
     notes = [unfinished(payload, checkpoint)]
+    tau = run_tau(payload) if tau is None else tau
     test = test_data or load_eval_data(payload, data, data_root, split)
     loader = BatchLoader(test, batch_size, train=False, device=dev)
     analysis = run_analysis(model, loader, tau=tau, taus=taus, scales=scales, executor="compact",
@@ -110,14 +124,14 @@ def make_report(checkpoint: str | Path, *, data: str | None = None, data_root: s
     for path in compare:
         m, p = load_run(path, dev)
         notes.append(unfinished(p, path))
-        r = evaluate(m, loader, tau=tau, executor="compact")
+        r = evaluate(m, loader, tau=run_tau(p), executor="compact")
         series.setdefault("SkipNet runs", []).append((r["macs_per_image"], r["accuracy"], run_label(p)))
     for path in plain:  # accuracy points, as in make_sweep
         m, p = load_run(path, dev)
         notes.append(unfinished(p, path))
         r = evaluate(m, loader)
         series.setdefault("plain ResNet", []).append((r["macs_per_image"], r["accuracy"], run_label(p)))
-    speed_numbers = speed if isinstance(speed, dict) else (measure_speed(model, test, device=str(dev))
+    speed_numbers = speed if isinstance(speed, dict) else (measure_speed(model, test, device=str(dev), tau=tau)
                                                            if speed else None)
     ckpt = Path(checkpoint)
     out = Path(out) if out else (ckpt if ckpt.is_dir() else ckpt.parent) / "report"
@@ -164,7 +178,8 @@ def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence
     """The accuracy/compute trade-off of several runs as one table and one plot in ``out``.
 
     * a threshold sweep at ``taus`` of every run in ``sweep`` (default: ``runs[0]``; pass SP and HRL runs);
-    * every run in ``runs`` at tau 0.5, one series per stage (SP→HRL, calibrate, ...; see :func:`run_series`);
+    * every run in ``runs`` at its own tau (:func:`run_tau`), one series per stage (SP→HRL, calibrate, ...;
+      see :func:`run_series`);
     * random skipping on the weights of ``random_from`` (an SP run: the paper's stochastic-depth variant), once
       per SkipNet run of ``runs`` at that run's per-block execution rates, so at the same expected MACs, and at
       the same rates on the run's own weights (what per-image routing adds over fixed per-block rates);
@@ -208,8 +223,9 @@ def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence
     source = load(random_from)[0] if random_from else None
     for path in runs:
         m, p = load(path)
-        r = evaluate(m, loader, executor="compact")
+        r = evaluate(m, loader, tau=run_tau(p), executor="compact")
         add(run_series(p), run_label(p), r, path)
+        table[-1]["tau"] = run_tau(p)
         if source is not None and m.is_gated:
             kind = "HRL" if p.get("run_config", {}).get("train", {}).get("stage") == "hrl" else "calibrate"
             for seed in range(random_seeds):

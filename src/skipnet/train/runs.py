@@ -135,6 +135,7 @@ class RunFolder:
         self.run_id = run_id or uuid.uuid4().hex
         self.checkpointed = resumed_at is not None
         self.tau = config.train.tau  # the operating threshold; fit_tau replaces it when the stage ends
+        self.image_size: list[int] | None = None  # the training images' (H, W), for tools that make inputs
         self._metrics = None
         if path is not None:
             if resumed_at is None or not (path / "config.yaml").exists():
@@ -169,7 +170,7 @@ class RunFolder:
             "model_config": model.config.to_dict(), "run_config": self.config.to_dict(),
             "model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers], "step": step,
             "finished": step >= total, "stage": stage.state_dict(), "rng_cpu": torch.get_rng_state(),
-            "run_id": self.run_id, "total_steps": total, "tau": self.tau,
+            "run_id": self.run_id, "total_steps": total, "tau": self.tau, "image_size": self.image_size,
         })
         self.checkpointed = True
 

@@ -414,6 +414,7 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, progress: bool,
 
     folder = RunFolder(run_dir if rank == 0 else None, config, resumed_at=step if resume else None,
                        run_id=payload.get("run_id") if payload is not None else None)
+    folder.image_size = list(info["image_size"])
     sched = Schedule(steps_per_epoch, total, total if max_steps is None else min(total, max_steps),
                      cfg.log_every, cfg.checkpoint_every,
                      max(1, round(cfg.eval_every * steps_per_epoch)) if cfg.eval_every > 0 else None)
