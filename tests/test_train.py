@@ -570,6 +570,13 @@ def test_a_full_disk_while_checkpointing_is_one_clear_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
 
 
+def test_a_model_of_another_class_count_than_the_data_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="model.num_classes is 3 but the data has 4"):
+        train(load_config(None, ["model.name=cifar_resnet8", "model.num_classes=3", "data.batch_size=16"]),
+              tmp_path / "run", data=DATA, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_malformed_yaml_is_one_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: [\n")

@@ -174,6 +174,9 @@ def make_loaders(config: RunConfig, device: torch.device, rank: int, world: int,
 
 def build_model(cfg: RunConfig, num_classes: int, in_channels: int) -> SkipResNet:
     m = cfg.model
+    for key, given, found in (("num_classes", m.num_classes, num_classes), ("in_channels", m.in_channels, in_channels)):
+        if given is not None and given != found:
+            raise ValueError(f"model.{key} is {given} but the data has {found}: leave it unset to take the data's")
     overrides = dict(gate="none" if cfg.train.stage == "baseline" else m.gate, embed_dim=m.embed_dim,
                      hidden_dim=m.hidden_dim, num_classes=m.num_classes or num_classes,
                      in_channels=m.in_channels or in_channels)
