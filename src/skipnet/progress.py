@@ -43,7 +43,8 @@ class LineProgress:
         self._last = now
         elapsed = now - self._start
         done = self.n - self._initial
-        parts = [f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {self.unit}s"]
+        units = self.unit + ("es" if self.unit.endswith(("ch", "s", "x")) else "s")
+        parts = [f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {units}"]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
         parts.append(f"{_duration(elapsed)} elapsed")
