@@ -162,3 +162,77 @@ def build_mac_table(model: nn.Module, input_size: tuple[int, int]) -> MacTable:
         gates = [0] * len(full)
     head = model.fc.in_features * model.fc.out_features
     return MacTable((input_size[0], input_size[1]), stem, first, tuple(full), tuple(skip), tuple(gates), head)
+
+
+# --- the rivals (SPEC §10): ACT's per-image halting and SACT's per-position halting ----------------------------
+
+def residual_convs(block: nn.Module) -> list[nn.Conv2d]:
+    """The convolutions of a block's residual branch, in order (the projection shortcut excluded)."""
+    return [m for name, m in block.named_children() if isinstance(m, nn.Conv2d) and name != "downsample"]
+
+
+def conv_macs_per_position(conv: nn.Conv2d) -> int:
+    """MACs of ``conv`` per output position: out_channels x in_channels / groups x kernel area."""
+    kh, kw = _pair(conv.kernel_size)
+    return conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
+
+
+def dilate_positions(active: Tensor, conv: nn.Conv2d) -> Tensor:
+    """The input positions (B, H, W) bool a stride-1 'same' convolution reads to produce its output at
+    ``active`` (B, H, W): the active set grown by the kernel (a 3x3 kernel: the 3x3 neighbourhood), clipped
+    to the image (zero padding is not computed)."""
+    kh, kw = _pair(conv.kernel_size)
+    sh, sw = _pair(conv.stride)
+    ph, pw = _pair(conv.padding)  # type: ignore[arg-type]
+    dh, dw = _pair(conv.dilation)
+    if (sh, sw) != (1, 1) or (dh, dw) != (1, 1) or (2 * ph, 2 * pw) != (kh - 1, kw - 1):
+        raise ValueError(f"per-position accounting needs stride-1, undilated 'same' convolutions; got {conv}")
+    if kh == kw == 1:
+        return active
+    grown = torch.nn.functional.max_pool2d(active.unsqueeze(1).float(), (kh, kw), stride=1, padding=(ph, pw))
+    return grown.squeeze(1) > 0
+
+
+def sparse_block_macs(convs: list[nn.Conv2d], active: Tensor) -> Tensor:
+    """Per-image MACs (B,) of a residual branch computed only where its output is needed: at the output
+    positions ``active`` (B, H, W) bool.
+
+    How a convolution's receptive field is charged: the last convolution runs at the active positions; each
+    earlier one at the positions the next one reads, i.e. the next one's set grown by its kernel
+    (:func:`dilate_positions`). A basic block (3x3, 3x3) pays its first convolution on the 3x3 neighbourhood
+    of the active set and its second on the set; a bottleneck (1x1, 3x3, 1x1) pays the first 1x1 on the
+    neighbourhood and the rest on the set. This is what a gather-based sparse execution computes, and the
+    authors' SACT code charges the same (its first convolution under the mask max-pooled 3x3). The
+    convolutions must be stride-1 'same' ones (every unit of a stage but the first)."""
+    if active.dim() != 3:
+        raise ValueError(f"expected active positions of shape (B, H, W); got {tuple(active.shape)}")
+    need = active.bool()
+    dtype = _accumulator(active.device)
+    total = torch.zeros(active.shape[0], dtype=dtype, device=active.device)
+    for conv in reversed(convs):
+        total += need.sum((1, 2)).to(dtype) * conv_macs_per_position(conv)
+        need = dilate_positions(need, conv)
+    return total
+
+
+def act_macs(table: MacTable, halting: tuple[int, ...] | list[int], decisions: Tensor) -> Tensor:
+    """Per-image MACs (B,) of an ACT network (float64; float32 on MPS): stem, head, every block that ran and the halting
+    unit after each block that ran.
+
+    ``decisions`` (B, N): whether gated block i (network block i + 1) ran (0/1; fractional values give the
+    expected MACs); the network's first block always runs. ``halting`` (N + 1,): the MACs of the halting unit
+    after each network block (0 after the last block of a stage, which has none). In ACT a block either runs
+    in full or its stage halted before it: no skipped-block projection is charged (a stage's first block,
+    the only one with a projection, always runs)."""
+    if decisions.dim() != 2 or decisions.shape[1] != table.num_gates or len(halting) != table.num_gates + 1:
+        raise ValueError(f"expected decisions (B, {table.num_gates}) and {table.num_gates + 1} halting costs; got "
+                         f"{tuple(decisions.shape)} and {len(halting)}")
+    dtype = _accumulator(decisions.device)
+    per_block = torch.tensor([f + h for f, h in zip(table.block_full, halting[1:])], dtype=dtype,
+                             device=decisions.device)
+    return table.stem + table.first_block + halting[0] + table.head + decisions.detach().to(dtype) @ per_block
+
+
+def _accumulator(device: torch.device) -> torch.dtype:
+    """float64 for MAC sums (exact below 2^53); float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64

@@ -1,0 +1,76 @@
+"""The stochastic-depth variant (SDV): random block skipping at a chosen rate, in training and at inference.
+
+SkipNet's paper compares with random skipping at the ratio its gates skip ("stochastic-depth variant"); this
+is that baseline as a model of its own, trained for it: every image skips each of SkipNet's gated blocks
+(all but the network's first) independently with probability ``drop_rate`` -- a skipped block gives its
+shortcut, a skipped transition block pays its projection, as in SkipNet -- both while training and at
+inference, so the network is evaluated under the distribution it was trained on (no rescaling of the
+residuals as Huang et al.'s stochastic depth does when it runs every block at test time).
+
+Choices: one rate for every gated block (Huang et al. decay it linearly with depth; a uniform rate is what
+"random skipping at matched ratio" means); the draws come from ``generator`` when given (training: the
+per-step generator, so a resumed run draws the same), else from torch's global generator, so an evaluation
+is one random draw -- repeat it to see the spread. ``decisions`` fixes the draws (tests, replays).
+MACs per image are the SkipNet table's for the drawn decisions (no gates).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .blocks import ResidualBlock
+from .rivals import RivalConfig, RivalOutput, RivalResNet
+
+
+class StochasticDepthResNet(RivalResNet):
+    """A plain ResNet that skips each gated block per image with probability ``config.drop_rate``."""
+
+    def __init__(self, config: RivalConfig):
+        super().__init__(config)
+        if config.method != "sdv":
+            raise ValueError(f"StochasticDepthResNet builds method 'sdv'; got {config.method!r}")
+
+    def forward(self, x: Tensor, *, executor: str = "masked", generator: torch.Generator | None = None,
+                decisions: Tensor | None = None) -> RivalOutput:
+        """Run the network on ``x`` (B, C, H, W) with fresh random skips (or the given ``decisions`` (B, N),
+        0/1). ``executor``: ``masked`` (every block on the whole batch, outputs chosen per image; training)
+        or ``compact`` (eval only: a block runs only on the images that keep it)."""
+        self.check_input(x, executor)
+        batch = x.shape[0]
+        table = self.mac_table((x.shape[2], x.shape[3]))
+        x = self._stem(x)
+        if decisions is None:
+            keep = torch.rand((batch, self.num_gates), generator=generator, device=x.device) >= self.config.drop_rate
+        else:
+            keep = torch.as_tensor(decisions, device=x.device)
+            if keep.shape != (batch, self.num_gates) or not bool(((keep == 0) | (keep == 1)).all()):
+                raise ValueError(f"expected decisions of shape ({batch}, {self.num_gates}) with values 0 or 1; "
+                                 f"got shape {tuple(keep.shape)}")
+            keep = keep.bool()
+        x = self.blocks[0](x)
+        for i, block in enumerate(self.blocks[1:]):
+            x = (_run_compact if executor == "compact" else _run_masked)(block, x, keep[:, i])
+        dec = keep.float()
+        return RivalOutput(self._head(x), dec, table.per_image(dec))
+
+
+def _run_masked(block: ResidualBlock, x: Tensor, keep: Tensor) -> Tensor:
+    s = block.shortcut(x)
+    return torch.where(keep.view(-1, 1, 1, 1), block.merge(block.residual(x), s), s)
+
+
+def _run_compact(block: ResidualBlock, x: Tensor, keep: Tensor) -> Tensor:
+    """The block on the images that keep it (gathered), the shortcut on the others."""
+    run = keep.nonzero().squeeze(1)
+    if run.numel() == x.shape[0]:
+        return block(x)
+    if run.numel() == 0:
+        return block.shortcut(x)
+    f = block(x[run])
+    if block.downsample is None:
+        return x.index_copy(0, run, f)
+    rest = (~keep).nonzero().squeeze(1)
+    out = f.new_empty((x.shape[0],) + f.shape[1:])
+    out.index_copy_(0, run, f)
+    return out.index_copy_(0, rest, block.shortcut(x[rest]))
