@@ -360,7 +360,7 @@ PAPER_HRL = {"baseline": "none", "explore": 0.0, "target_macs": None, "skip_cap"
 def test_every_packaged_recipe_loads_and_builds(name):
     cfg = load_config(name)
     model = trainer.build_model(cfg, num_classes=10, in_channels=3)
-    assert model.is_gated == (cfg.train.stage != "baseline")
+    assert model.is_gated == (cfg.train.stage not in ("baseline", "act", "sact", "sdv"))  # (rivals: no gates)
     assert model.config.num_classes == (cfg.model.num_classes or 10)
     splits = dataset_info(cfg.data.name)["splits"]  # None: any folder of an imagefolder root
     assert splits is None or {cfg.data.train_split, cfg.data.test_split} <= set(splits)

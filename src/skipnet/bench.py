@@ -20,21 +20,20 @@ The draws are nested: an image's executed blocks at rate 0.25 are a subset of th
 Small batches: one timed call covers at least ``min_images`` images (default 32). A batch smaller than that
 is timed as ``draws`` = ceil(min_images / B) different batches in a row -- their own images and decisions --
 and the latency is per batch; the ideal speed-up is that of all their decisions. One draw at batch 1 is one
-set of coin flips (17 for SkipNet-38), whose mix of cheap and dear blocks the MAC count does not see: on
-the development CPU a first-stage block of a CIFAR ResNet takes 1.5x the time of a later one at batch 1
-for the same MACs, so one draw's speed-up could land well off the rate's own.
+set of coin flips (17 for SkipNet-38), whose mix of cheap and dear blocks the MAC count does not see (at
+batch 1 a first-stage block of a CIFAR ResNet can take longer than a later one of the same MACs), so one
+draw's speed-up could land well off the rate's own.
 
-Extra executor ``compact_no_gates``: the compact executor with the gate computation bypassed (same fixed
-decisions). ``gate_share`` of a compact row = 1 - time(no gates) / time(compact): the gate's share of the
-latency. Only for RNN gates on CPU (they run through the host stepper, which is what gets replaced).
+Executors: ``dense`` is the plain network, ``compact`` and ``per_image`` the gated one, all three through
+:class:`~skipnet.infer.CompactRunner` (the same block code, the same merge kernel); ``masked`` is the model's
+own forward. Extra executor ``compact_no_gates``: the compact runner with the gate computation bypassed
+(``gates=False``, same fixed decisions). ``gate_share`` of a compact row = 1 - time(no gates) /
+time(compact): the gate's share of the latency (RNN gates only: the share the targets speak of).
 
 Memory format: ``memory_format`` ("contiguous", the default: the models' own layout, or "channels_last")
-applies to the networks and the inputs alike, dense and SkipNet. On the 2-core development CPU with one
-thread, channels_last made eval of ResNet-110 11-15% faster, plain network and compact SkipNet alike (batch
-1 and 64; ``benchmarks/bench_executors.py --memory-format-check``), so the benchmark script uses it; with
-two threads on that loaded machine it was slower (and everything erratic), which is what the team had seen.
-The speed-up ratios barely depend on the layout. On a GPU, measure (channels_last usually wins with tensor
-cores and half precision).
+applies to the networks and the inputs alike, dense and SkipNet. Which is faster depends on the machine and
+the thread count (``benchmarks/bench_executors.py --memory-format-check`` measures it; docs/RESULTS.md has
+the figures); the speed-up ratios barely depend on it.
 """
 
 from __future__ import annotations
@@ -53,8 +52,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .models import SkipResNet, create_model
-from .models.gates import HostGateStepper
+from .infer import CompactRunner
+from .models import RNNGateBank, SkipResNet, create_model
 
 EXECUTOR_NAMES = ("dense", "masked", "compact", "per_image", "compact_no_gates")
 DEFAULT_EXECUTORS = ("dense", "masked", "compact", "per_image")
@@ -255,68 +254,53 @@ def _batch(inputs: Tensor | None, batch: int, channels: int, hw: tuple[int, int]
     return inputs.repeat(reps, 1, 1, 1)[:batch].float().contiguous()
 
 
-class _NoGates(HostGateStepper):
-    """Stands in for a gate stepper: no pooling, no gate arithmetic; the decisions come fixed."""
-
-    def __init__(self, batch: int, num_gates: int):
-        self.p = torch.ones(batch, num_gates)
-
-    def step(self, index: int, tau: float | None, src: object) -> tuple[np.ndarray | None, int]:
-        return None, 0
-
-    def probs(self) -> Tensor:
-        return self.p
-
-
 def _callables(
     gated: SkipResNet, plain: SkipResNet, xs: Sequence[Tensor], decs: Sequence[Tensor], greedy: bool, tau: float,
     executors: Sequence[str],
 ) -> dict[str, Callable[[], object]]:
     """One callable per executor, each running every batch of ``xs`` (with its decisions ``decs``) once."""
+    gated_runner, plain_runner = CompactRunner(gated), CompactRunner(plain)
 
-    def skipnet(executor: str, xb: Tensor, db: Tensor) -> object:
+    def skipnet(xb: Tensor, db: Tensor, **kw) -> object:
         if greedy:
-            return gated(xb, "greedy", tau=tau, executor=executor)
-        return gated(xb, "fixed", decisions=db, executor=executor)
+            return gated_runner(xb, "greedy", tau=tau, **kw)
+        return gated_runner(xb, "fixed", decisions=db, **kw)
 
-    def each(executor: str) -> Callable[[], None]:
+    def compact(**kw) -> Callable[[], None]:
         def run() -> None:
             for xb, db in zip(xs, decs):
-                skipnet(executor, xb, db)
+                skipnet(xb, db, **kw)
 
         return run
 
+    def masked() -> None:
+        for xb, db in zip(xs, decs):
+            if greedy:
+                gated(xb, "greedy", tau=tau)
+            else:
+                gated(xb, "fixed", decisions=db)
+
     def dense() -> None:
         for xb in xs:
-            plain(xb)
+            plain_runner(xb)
 
     def per_image() -> None:
         for xb, db in zip(xs, decs):
             for i in range(xb.shape[0]):
-                skipnet("compact", xb[i : i + 1], db[i : i + 1])
-
-    bank = gated.gates
-    compact = each("compact")
-
-    def no_gates() -> None:
-        bank.host_stepper = lambda xb, *args: _NoGates(xb.shape[0], gated.num_gates)  # shadows the method
-        try:
-            compact()
-        finally:
-            del bank.host_stepper
+                skipnet(xb[i : i + 1], db[i : i + 1])
 
     if "compact_no_gates" in executors:
         if greedy:
             raise ValueError("compact_no_gates needs fixed decisions (not decisions_from_model)")
-        if bank.host_stepper(xs[0]) is None:
-            raise ValueError("compact_no_gates needs gates with a host stepper (RNN gates, CPU, float32/64)")
+        if not isinstance(gated.gates, RNNGateBank):
+            raise ValueError("compact_no_gates measures the RNN gates' share of the latency: it needs RNN gates")
 
     table = {
         "dense": dense,
-        "masked": each("masked"),
-        "compact": compact,
+        "masked": masked,
+        "compact": compact(),
         "per_image": per_image,
-        "compact_no_gates": no_gates,
+        "compact_no_gates": compact(gates=False),
     }
     return {k: table[k] for k in executors}
 

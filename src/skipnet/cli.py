@@ -25,6 +25,7 @@ TRAIN_SHORTCUTS = {
     "data_root": ("data.root", str, "folder holding the dataset (default: the dataset's standard place)"),
     "batch_size": ("data.batch_size", int, "training batch size (global, over all processes)"),
     "stage": ("train.stage", str, "baseline, sp or hrl"),
+    "method": ("train.stage", str, "a rival trained by the same pipeline: act, sact or sdv (sets train.stage)"),
     "epochs": ("train.epochs", float, "training epochs (fractions allowed)"),
     "lr": ("train.lr", float, "base learning rate"),
     "init": ("train.init", str, "checkpoint or run folder to start from (HRL: the SP run)"),

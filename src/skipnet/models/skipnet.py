@@ -12,27 +12,15 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import asdict, dataclass
-from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..cost import MacTable, build_mac_table
 from .blocks import BasicBlock, Bottleneck, ResidualBlock, projection
 from .decisions import check_mode, decide
-from .executors import (
-    FragmentedBatch,
-    crossover,
-    get_executor,
-    merge_pool_into,
-    plain_eager,
-    run_block,
-    run_block_pooled,
-    run_compact_rows,
-    run_masked,
-)
-from .gates import GATE_TYPES, HostGateStepper, build_gates
+from .executors import check_executor, run_masked
+from .gates import GATE_TYPES, build_gates
 
 IMAGENET_LAYOUTS: dict[int, tuple[type[ResidualBlock], tuple[int, ...]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),
@@ -42,7 +30,6 @@ IMAGENET_LAYOUTS: dict[int, tuple[type[ResidualBlock], tuple[int, ...]]] = {
     152: (Bottleneck, (3, 8, 36, 3)),
 }
 ARCHS = ("cifar", "imagenet")
-_HOST_MODES = ("greedy", "fixed", "all", "none")  # modes with hard decisions and no gradient to the gates
 GATE_OPEN_BIAS = 3.0  # initial bias of every gate's output layer: sigmoid(3) = 0.95
 
 
@@ -199,6 +186,40 @@ class SkipResNet(nn.Module):
                 f"{self.total_stride}x downsampling" + (" and FFGate-I's pooling" if c.gate == "ffgate1" else "")
             )
 
+    def prepare(
+        self,
+        x: Tensor,
+        mode: str | None,
+        *,
+        executor: str = "masked",
+        tau: float = 0.5,
+        decisions: Tensor | None = None,
+        temperature: float = 1.0,
+        drop_rate: float = 0.0,
+    ) -> tuple[MacTable, str, Tensor | None]:
+        """Check a call's arguments (``ValueError`` naming what was expected) and return the MAC table for the
+        input size, the decision mode (the default filled in) and the fixed decisions as float32 (B, N) (mode
+        ``fixed`` only). What :meth:`forward` and :class:`~skipnet.infer.CompactRunner` start with."""
+        self.check_input(x)
+        check_executor(executor)
+        if executor == "compact" and self.training:
+            raise ValueError("the compact executor is for inference: call model.eval() first (training masks)")
+        table = self.mac_table((x.shape[2], x.shape[3]))
+        if self.gates is None:
+            return table, "all", None  # a plain network ignores the mode
+        mode = check_mode(mode or ("straight_through" if self.training else "greedy"))
+        if executor == "compact" and mode == "soft":
+            raise ValueError("the compact executor needs hard decisions; mode 'soft' is only for 'masked'")
+        fixed = self._check_fixed(decisions, x.shape[0], x.device) if mode == "fixed" else None
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive; got {temperature}")
+        if drop_rate and (mode != "straight_through" or not self.training or not 0.0 < drop_rate < 1.0):
+            raise ValueError(f"drop_rate goes with training in mode 'straight_through' and lies in [0, 1); got "
+                             f"{drop_rate} with mode {mode!r}{'' if self.training else ' in eval mode'}")
+        if mode == "greedy" and not 0.0 <= tau <= 1.0:
+            raise ValueError(f"greedy threshold tau must lie in [0, 1], got {tau}")
+        return table, mode, fixed
+
     def forward(
         self,
         x: Tensor,
@@ -216,55 +237,36 @@ class SkipResNet(nn.Module):
 
         ``mode``: a decision mode (:data:`~skipnet.models.decisions.MODES`); by default ``straight_through``
         in training and ``greedy`` in eval. ``decisions`` (B, N) or (N,) go with ``mode='fixed'``.
-        ``executor``: ``masked`` or ``compact`` (eval only). ``tau``: the greedy threshold. ``temperature``
-        divides the gate logits (HRL's policy sharpening). A plain network ignores mode and executor.
+        ``executor``: ``masked`` (this method: every block on the whole batch, mixed by the decisions) or
+        ``compact`` (eval only: :class:`skipnet.infer.CompactRunner`, which runs each block only on the images
+        whose gate fired). ``tau``: the greedy threshold. ``temperature`` divides the gate logits (HRL's
+        policy sharpening). A plain network ignores the mode.
         ``drop_rate`` (training, ``straight_through`` only): each image also skips each gated block with this
         probability whatever its gate says (stochastic depth on the gated blocks, drawn from ``generator``),
         so that the network learns to work without any one block; ``decisions`` then include those skips.
         ``explore`` (mode ``sample``): bounded exploration, see :func:`~skipnet.models.decisions.decide`.
         Gates run in float32 even under autocast (a bf16 probability above ~0.998 rounds to 1: no sampling).
         """
-        self.check_input(x)
+        if check_executor(executor) == "compact" and not (self.training and self.gates is None):
+            from ..infer import compact_runner  # (infer builds on models: imported when first needed)
+
+            return compact_runner(self)(x, mode, tau=tau, decisions=decisions, temperature=temperature,
+                                        generator=generator, explore=explore, drop_rate=drop_rate)
+        table, mode, fixed = self.prepare(x, mode, executor="masked", tau=tau, decisions=decisions,
+                                          temperature=temperature, drop_rate=drop_rate)
         batch = x.shape[0]
-        table = self.mac_table((x.shape[2], x.shape[3]))
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, C0, H', W')
         if self.gates is None:
             for block in self.blocks:
-                x = run_block(block, x)  # block(x), with the merge in place when there is no autograd
+                x = block(x)
             ones = x.new_ones(batch, self.num_gates)
             return SkipNetOutput(self._head(x), None, ones, None, table.per_image(ones))
-
-        mode = check_mode(mode or ("straight_through" if self.training else "greedy"))
-        run = get_executor(executor)
-        if executor == "compact":
-            if self.training:
-                raise ValueError("the compact executor is for inference: call model.eval() first (training masks)")
-            if mode == "soft":
-                raise ValueError("the compact executor needs hard decisions; mode 'soft' is only for 'masked'")
-        fixed = self._check_fixed(decisions, batch, x.device) if mode == "fixed" else None
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive; got {temperature}")
-        if drop_rate and (mode != "straight_through" or not self.training or not 0.0 < drop_rate < 1.0):
-            raise ValueError(f"drop_rate goes with training in mode 'straight_through' and lies in [0, 1); got "
-                             f"{drop_rate} with mode {mode!r}{'' if self.training else ' in eval mode'}")
-
-        if mode in _HOST_MODES and not self.training and not torch.is_grad_enabled() and plain_eager(x):
-            if mode == "greedy" and not 0.0 <= tau <= 1.0:
-                raise ValueError(f"greedy threshold tau must lie in [0, 1], got {tau}")
-            stepper = self.gates.host_stepper(x, temperature, tau if mode == "greedy" else None)
-            if stepper is not None:
-                return self._forward_host(x, stepper, mode, executor == "compact", tau, fixed, table)
 
         x = self.blocks[0](x)
         state = self.gates.init_state(x)
         probs, gs, log_probs = [], [], []
-        gate_autocast = torch.is_autocast_enabled(x.device.type)
         for i, block in enumerate(self.blocks[1:]):
-            if gate_autocast:
-                with torch.autocast(x.device.type, enabled=False):
-                    logit, state = self.gates(x.float(), i, tuple(s.float() for s in state) if state else state)
-            else:
-                logit, state = self.gates(x, i, state)  # (B,)
+            logit, state = self.gate(x, i, state)  # (B,)
             if temperature != 1.0:
                 logit = logit / temperature
             g, lp = decide(logit, mode, tau=tau, fixed=None if fixed is None else fixed[:, i], generator=generator,
@@ -272,7 +274,7 @@ class SkipResNet(nn.Module):
             if drop_rate:
                 keep = torch.rand(batch, generator=generator, device=g.device) >= drop_rate
                 g = g * keep.to(g.dtype)
-            x = block(x) if mode == "all" else run(block, x, g)
+            x = block(x) if mode == "all" else run_masked(block, x, g)  # (B, C, H, W)
             probs.append(torch.sigmoid(logit))
             gs.append(g)
             if lp is not None:
@@ -286,124 +288,17 @@ class SkipResNet(nn.Module):
             macs=table.per_image(dec),
         )
 
-    def _forward_host(
-        self, x: Tensor, stepper: HostGateStepper, mode: str, compact: bool, tau: float, fixed: Tensor | None,
-        table: MacTable,
-    ) -> SkipNetOutput:
-        """Inference on the CPU without autograd, hard decisions (greedy, fixed, all, none): the gates are
-        stepped and decided on the host (:class:`~skipnet.models.gates.HostGateStepper`), so the compact
-        executor gets its image indices without a tensor round trip and a block no image needs costs only
-        its gate; a gate whose input did not change for some images (they skipped an identity block) does
-        not pool them again. Compact execution keeps the batch as a
-        :class:`~skipnet.models.executors.FragmentedBatch`: the images that run a block are gathered (one
-        copy) and their outputs stay where they were computed; the logits are put back in image order at
-        the end. Same decisions and, to float tolerance, the same outputs as the general loop."""
-        batch = x.shape[0]
-        x, pooled = run_block_pooled(self.blocks[0], x)  # (B, C, H, W)
-        greedy = tau if mode == "greedy" else None
-        if fixed is not None:  # (host-side reads: NumPy's calls cost ~10 us each here, between convolutions)
-            if batch == 1:
-                fixed_n = [int(v > 0.5) for v in fixed.tolist()[0]]
-            else:
-                fixed_run = (fixed.detach() > 0.5).numpy()  # (B, N) bool
-                fixed_n = fixed_run.sum(0).tolist()
-        n = 0  # mode "none": nothing runs
-        src: Any = x if pooled is None else pooled  # what changed in the gate input since the last gate: see
-        # HostGateStepper; (B, C, 1, 1) means pool to themselves
-        single = batch == 1 and compact and mode != "all"  # one image: each block runs or not, no gathers
-        state = FragmentedBatch(x) if compact and mode != "all" and not single else None
-        if single:
-            x = self._single_image(x, stepper, greedy, fixed_n if fixed is not None else None, src)
-        for i, block in enumerate(() if single else self.blocks[1:]):
-            run, step_n = stepper.step(i, greedy, src)  # run: (B,) on the host, greedy only
-            if greedy is not None:
-                n = step_n
-            elif fixed is not None:
-                n = fixed_n[i]
-                if 0 < n < batch:
-                    run = fixed_run[:, i]
-            if mode == "all":
-                x, pooled = run_block_pooled(block, x)
-                src = x if pooled is None else pooled  # the gate pools; (B, C, 1, 1) pools to itself
-                continue
-            if state is None:  # the masked executor, with the given (maybe fractional) or greedy decisions
-                if fixed is not None:
-                    g = fixed[:, i]
-                else:
-                    g = x.new_zeros(batch) if run is None else torch.from_numpy(run)  # greedy, or mode "none"
-                x = src = run_masked(block, x, g)
-                continue
-            if n == 0 and block.downsample is None:
-                src = None  # nothing changed: the next gate reuses the pooled features
-                continue
-            pooled = None  # the new activations' spatial means, where the merge computed them
-            if n == batch or n == 0:  # every image runs, or a skipped transition block pays its projection
-                xw, perm = state.whole()
-                out, pooled = run_block_pooled(block, xw) if n else (block.shortcut(xw), None)
-            else:
-                idx = np.flatnonzero(run)
-                width = self.gates.channels[i]
-                if block.downsample is not None:  # every image gets new activations: runners and the others
-                    src = self._transition(block, state, idx, np.flatnonzero(run == 0))
-                    continue
-                if not (state.single and n >= crossover(width, copies=1) * batch):
-                    sub, images = state.gather(idx)  # (n, C, H, W): the one copy
-                    f, pooled = merge_pool_into(block, block.residual(sub), sub)
-                    del sub  # (now: the next gather may reuse its memory, still in cache)
-                    state.push(f, images)
-                    src = (images, torch.from_numpy(images), f if pooled is None else pooled)  # only these changed
-                    continue
-                xw, perm = state.whole()  # nearly every image runs (the crossover)
-                pos = idx if perm is None else state.row[idx]
-                out = run_compact_rows(block, xw, torch.from_numpy(pos), n)[0]
-            state.replace(out)
-            rows = out if pooled is None else pooled
-            src = rows if perm is None else (perm, torch.from_numpy(perm), rows)
-        if state is not None:
-            x, perm = state.whole()
-        probs = stepper.probs()  # (B, N)
-        if greedy is not None:
-            dec = stepper.decisions()
-        elif fixed is not None:
-            dec = fixed if fixed.dtype == probs.dtype else fixed.to(probs.dtype)
-        else:
-            dec = torch.full_like(probs, 1.0 if mode == "all" else 0.0)
-        stepper.release()
-        logits = self._head(x)  # rows in the order perm
-        if state is not None and perm is not None:
-            logits = torch.empty_like(logits).index_copy_(0, torch.from_numpy(perm), logits)
-        return SkipNetOutput(logits, probs, dec, None, table.per_image(dec))
+    def gate(self, x: Tensor, index: int, state: object) -> tuple[Tensor, object]:
+        """Gate ``index`` on the block input ``x``: ``(logits (B,), new state)``, in float32 under autocast."""
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.gates(x.float(), index, tuple(s.float() for s in state) if state else state)
+        return self.gates(x, index, state)
 
-    def _single_image(self, x: Tensor, stepper: HostGateStepper, greedy: float | None, fixed_n: list[int] | None,
-                      src: Any) -> Tensor:
-        """The compact loop of :meth:`_forward_host` for a batch of one image: a block runs or it does not."""
-        for i, block in enumerate(self.blocks[1:]):
-            n = stepper.step(i, greedy, src)[1]
-            if greedy is None:
-                n = 0 if fixed_n is None else fixed_n[i]
-            if n:
-                x, pooled = run_block_pooled(block, x)
-                src = x if pooled is None else pooled
-            elif block.downsample is not None:  # a skipped transition block still pays its projection
-                x = src = block.shortcut(x)
-            else:
-                src = None  # nothing changed: the next gate reuses the pooled features
-        return x
-
-    @staticmethod
-    def _transition(block: ResidualBlock, state: FragmentedBatch, idx: np.ndarray, rest: np.ndarray) -> Tensor:
-        """A transition block run by the images ``idx`` and skipped by ``rest`` (both non-empty), on a
-        :class:`FragmentedBatch`: each group is gathered once (the runners get ``relu(F(x) + S(x))``, the others
-        the projection ``S(x)``) and the two results become the new fragments. Returns every image's spatial
-        means (B, C, 1, 1) for the next gate."""
-        sub, images = state.gather(idx)
-        f, pooled = merge_pool_into(block, block.residual(sub), block.shortcut(sub))
-        others, kept = state.gather(rest)
-        s = block.shortcut(others)
-        state.assign([f, s], [images, kept])
-        means = s.new_empty((state.batch, s.shape[1], 1, 1))
-        means.index_copy_(0, torch.from_numpy(images), f.mean((2, 3), keepdim=True) if pooled is None else pooled)
-        return means.index_copy_(0, torch.from_numpy(kept), s.mean((2, 3), keepdim=True))
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()  # nn.Module's: a copy of __dict__
+        state.pop("_compact_runner", None)  # (the cached inference runner: rebuilt on demand)
+        return state
 
     def _head(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, classes)
@@ -429,7 +324,10 @@ class SkipResNet(nn.Module):
                 raise ValueError(f"expected {want}; got shape {tuple(d.shape)}")
             if d.is_complex():
                 raise ValueError(f"expected {want}; got dtype {d.dtype}")
-        if not bool(((d == 0) | (d == 1)).all()):
+        valid = ((d == 0) | (d == 1)).all()
+        if torch.compiler.is_compiling():  # traced (compile, export): the values are unknown until run time
+            torch._assert_async(valid, f"expected {want}")
+        elif not bool(valid):
             bad = d[(d != 0) & (d != 1)]  # (NaN too)
             seen = sorted({repr(v) for v in bad.tolist()})
             raise ValueError(f"expected {want}; got {bad.numel()} other value(s): {', '.join(seen[:5])}"

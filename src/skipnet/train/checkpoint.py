@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..models import SkipNetConfig, SkipResNet
+from ..models.rivals import RivalConfig, RivalResNet, build_rival, is_rival_config
 
 FORMAT = 1
 
@@ -98,12 +99,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
-def build_model_from_checkpoint(payload: dict[str, Any], path: str | Path = "<checkpoint>") -> SkipResNet:
+def build_model_from_checkpoint(payload: dict[str, Any], path: str | Path = "<checkpoint>") -> SkipResNet | RivalResNet:
+    """The network of a checkpoint: a SkipNet / plain ResNet, or a rival (ACT, SACT, SDV: its model config
+    names a ``method``)."""
+    rival = is_rival_config(payload["model_config"])
     try:
-        config = SkipNetConfig(**payload["model_config"])
+        config = (RivalConfig if rival else SkipNetConfig)(**payload["model_config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: invalid model config {payload['model_config']!r}: {err}") from err
-    model = SkipResNet(config)
+    model = build_rival(config) if rival else SkipResNet(config)
     load_state(model, payload["model"], path)
     return model
 
@@ -123,7 +127,7 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str
     model.load_state_dict(state)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> SkipResNet:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> SkipResNet | RivalResNet:
     """Rebuild the network stored in a checkpoint (or a run folder), in eval mode."""
     payload = load_checkpoint(path, map_location)
     return build_model_from_checkpoint(payload, path).eval()

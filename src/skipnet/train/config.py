@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-STAGES = ("baseline", "sp", "hrl", "calibrate")
+STAGES = ("baseline", "sp", "hrl", "calibrate", "act", "sact", "sdv")
+RIVAL_STAGES = ("act", "sact", "sdv")  # the methods SkipNet is compared with (SPEC §10), one stage each
 SCHEDULES = ("step", "cosine")
 
 
@@ -35,6 +36,12 @@ class ModelSection:
     in_channels: int | None = None  # None: from the data
     embed_dim: int = 10
     hidden_dim: int = 10
+    halt_eps: float = 0.01  # act/sact: a stage halts once its halting scores sum to >= 1 - halt_eps (the paper's
+    # 0.01; stored with the model, inference uses it)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.halt_eps < 1.0:
+            raise ValueError(f"halt_eps lies in (0, 1); got {self.halt_eps}")
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,9 @@ class DataSection:
 @dataclass(frozen=True)
 class TrainSection:
     stage: str = "sp"  # baseline | sp | hrl (the paper's hybrid REINFORCE) | calibrate (ours, not in the paper:
-    # a global threshold moved to a compute target while the backbone is fine-tuned; the gates stay frozen)
+    # a global threshold moved to a compute target while the backbone is fine-tuned; the gates stay frozen) |
+    # the rivals, each one stage from scratch (or --init a plain ResNet): act | sact (Figurnov et al. 2017:
+    # per-image / per-position halting with a ponder cost) | sdv (random skipping at drop_rate, also at inference)
     init: str | None = None  # checkpoint or run folder to start from (HRL: the SP run); None = from scratch
     epochs: float = 1.0
     lr: float = 0.1
@@ -77,7 +86,10 @@ class TrainSection:
     label_smoothing: float = 0.0  # cross-entropy label smoothing (every stage; HRL's returns use the same loss)
     drop_rate: float = 0.0  # SP: each image skips each gated block with this probability (stochastic depth),
     # so that the network works without any one block before a compute target asks it to skip some (the
-    # baseline stage, a plain network, ignores it)
+    # baseline stage, a plain network, ignores it). sdv: the rate of random skipping, in training and inference
+    # (stored with the model)
+    ponder_cost: float = 0.01  # act/sact: tau, the weight of the ponder cost (N + R summed over stages) in the
+    # loss; the authors' CIFAR-10 models use 0.01 (their code's README), ImageNet 0.005
     # --- HRL (SPEC §5) ---
     alpha: float = 0.1  # compute reward weight (the starting value when target_macs is set)
     beta: float = 1.0  # weight of the accuracy term in the returns
@@ -176,9 +188,13 @@ class TrainSection:
                              "threshold mode is stage 'calibrate'")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate is a probability in [0, 1); got {self.drop_rate}")
-        if self.drop_rate and self.stage in ("hrl", "calibrate"):
-            raise ValueError("drop_rate applies to the sp stage only (the baseline, without gates, ignores it); "
-                             f"got stage {self.stage!r}")
+        if self.drop_rate and self.stage in ("hrl", "calibrate", "act", "sact"):
+            raise ValueError("drop_rate applies to the sp and sdv stages only (the baseline, without gates, ignores "
+                             f"it); got stage {self.stage!r}")
+        if self.stage == "sdv" and not self.drop_rate > 0:
+            raise ValueError("stage 'sdv' skips each gated block at random with probability drop_rate: set it > 0")
+        if not 0.0 <= self.ponder_cost < float("inf"):
+            raise ValueError(f"ponder_cost (tau) is a finite weight >= 0; got {self.ponder_cost}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.fit_tau and (self.stage != "hrl" or self.target_macs is None):

@@ -16,7 +16,9 @@ def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tens
              decisions: Callable[[int], torch.Tensor] | None = None) -> dict[str, Any]:
     """Top-1 accuracy (%), mean/std MACs per image (gates included), the plain ResNet's MACs
     (``dense_macs_per_image``), the reduction vs it (%), the authors' block fraction (%), and per-gate
-    execution rates. The model is put in eval mode. ``decisions`` (mode ``fixed``): called with each batch's
+    execution rates. The model is put in eval mode. A rival (ACT, SACT, SDV; ``model.method``) runs its
+    own inference with ``executor``; its ``exec_rates`` are those of SkipNet's gated blocks (SACT: the share
+    of positions). ``decisions`` (mode ``fixed``): called with each batch's
     size, returns that batch's (B, N) decisions. Refuses (``ValueError``) a loader of another class count than
     the model's, labels beyond it, and images holding NaN or infinite values."""
     if (mode == "fixed") != (decisions is not None):
@@ -26,6 +28,7 @@ def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tens
     from .device import autocast
 
     model.eval()
+    rival = getattr(model, "method", None)  # ACT, SACT or SDV (skipnet.models.rivals)
     device = next(model.parameters()).device
     correct = total = 0
     macs: list[torch.Tensor] = []
@@ -34,7 +37,9 @@ def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tens
     with torch.inference_mode(), autocast(device, amp):
         for index, (x, y) in enumerate(track(batches, enabled=progress, desc="eval", unit="batch")):
             check_eval_batch(x, y, model.config.num_classes, index)
-            if not model.is_gated:
+            if rival:
+                out = model(x, executor=executor)
+            elif not model.is_gated:
                 out = model(x)
             elif decisions is not None:
                 out = model(x, mode, decisions=decisions(x.shape[0]), executor=executor)
@@ -61,7 +66,7 @@ def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tens
         "mac_reduction": 100.0 * (1.0 - float(m.mean()) / table.plain),
         "block_fraction": 100.0 * (1.0 + sum(rates)) / (len(rates) + 1),
         "exec_rates": rates,
-        "mode": mode if model.is_gated else "plain",
+        "mode": mode if model.is_gated else rival or "plain",
         "tau": tau,
     }
 

@@ -9,6 +9,7 @@
 
   (CE_b detached, no discount), optionally minus a per-gate baseline. Each image's returns multiply that
   image's own log-probabilities; the batch reduction of the REINFORCE term is explicit.
+* :func:`ponder_loss` -- ACT / SACT (the rivals, SPEC §10): cross-entropy plus tau times the ponder cost.
 """
 
 from __future__ import annotations
@@ -93,3 +94,24 @@ def hrl_loss(
     ce_mean = ce.mean()
     return HRLLoss(ce_mean + rl_weight * reinforce, ce_mean.detach(), reinforce.detach(), returns.detach(),
                    advantages.detach())
+
+
+@dataclass
+class PonderLoss:
+    total: Tensor  # what to backpropagate: ce + tau * ponder
+    ce: Tensor  # mean cross-entropy (detached)
+    ponder: Tensor  # mean ponder cost per image (detached)
+
+
+def ponder_loss(ce: Tensor, ponder: Tensor, tau: float) -> PonderLoss:
+    """The ACT/SACT objective (Graves 2016; Figurnov et al. 2017): ``mean(ce) + tau * mean(ponder)``.
+
+    ``ce`` (B,): each image's cross-entropy; ``ponder`` (B,): its ponder cost, N + R summed over the stages
+    (SACT: each stage's ponder map averaged over positions, as the authors' code does), differentiable through
+    the remainders R only (N is piecewise constant). ``tau`` >= 0: the price of one unit of computation."""
+    if ce.dim() != 1 or ponder.shape != ce.shape:
+        raise ValueError(f"expected ce (B,) and ponder (B,); got {tuple(ce.shape)} and {tuple(ponder.shape)}")
+    if not tau >= 0:
+        raise ValueError(f"tau (the ponder cost weight) must be >= 0; got {tau}")
+    ce_mean, ponder_mean = ce.mean(), ponder.float().mean()
+    return PonderLoss(ce_mean + tau * ponder_mean, ce_mean.detach(), ponder_mean.detach())

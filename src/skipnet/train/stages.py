@@ -8,6 +8,10 @@
 * :class:`CalibrateStage` -- ``calibrate`` (ours, not in the paper): the gates stay frozen, one global
   threshold is moved to a compute target while the backbone is fine-tuned. Equivalent to choosing a global
   tau and fine-tuning the backbone for it; nothing in it is learned routing.
+* :class:`PonderStage` -- ``act`` and ``sact`` (the rivals, SPEC §10): cross-entropy plus ``ponder_cost``
+  (tau) times the ponder cost, from scratch or from a plain ResNet.
+* :class:`StochasticDepthStage` -- ``sdv`` (the rival random skipping): cross-entropy on paths with each gated
+  block skipped at ``drop_rate``.
 
 A stage is a thin object over the pure losses of :mod:`.losses` and the controllers of :mod:`.hrl`. The loop
 (:mod:`.trainer`) calls, per step, ``loss(net, x, y, generator)``, backward and the optimisers, then
@@ -26,7 +30,7 @@ from torch import Tensor, nn
 from ..cost import MacTable
 from ..models import SkipResNet
 from .hrl import AlphaController, GateBaseline, ThresholdController
-from .losses import hrl_loss, per_gate_returns
+from .losses import hrl_loss, per_gate_returns, ponder_loss
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -295,8 +299,38 @@ class CalibrateStage(Stage):
         self.threshold.load_state_dict(state["threshold"])
 
 
+class PonderStage(Stage):
+    """``act`` / ``sact``: every unit runs on the whole batch, the outputs weighted by the halting distribution;
+    loss = mean CE + ``ponder_cost`` * mean ponder cost (:func:`~.losses.ponder_loss`). The halting units train
+    with the backbone (one SGD group, as in the authors' code)."""
+
+    name = "ponder"
+    may_freeze_bn = False
+
+    def loss(self, net, x, y, generator):
+        out = net(x)
+        loss = ponder_loss(self._ce(out.logits, y, "none"), out.ponder, self.cfg.ponder_cost)
+        stats = self._stats(out, y, loss.total)
+        stats["ce"], stats["ponder"] = loss.ce, loss.ponder
+        return loss.total, stats
+
+
+class StochasticDepthStage(Stage):
+    """``sdv``: cross-entropy on paths where each image skips each gated block with the model's
+    ``drop_rate`` (drawn from the step's generator, so a resumed run draws the same)."""
+
+    name = "stochastic_depth"
+    draws_random = True
+    may_freeze_bn = False
+
+    def loss(self, net, x, y, generator):
+        out = net(x, generator=generator)
+        total = self._ce(out.logits, y)
+        return total, self._stats(out, y, total)
+
+
 STAGE_CLASSES = {"baseline": SupervisedStage, "sp": SupervisedStage, "hrl": ReinforceStage,
-                 "calibrate": CalibrateStage}
+                 "calibrate": CalibrateStage, "act": PonderStage, "sact": PonderStage, "sdv": StochasticDepthStage}
 
 
 def make_stage(cfg, model: SkipResNet, table: MacTable, total_steps: int, device: torch.device,

@@ -26,9 +26,10 @@ from torch import nn
 
 from ..data import BatchLoader, ImageData, load_dataset
 from ..models import SkipResNet, create_model
+from ..models.rivals import RivalResNet, create_rival
 from ..progress import progress_bar
 from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint, load_state
-from .config import RunConfig
+from .config import RIVAL_STAGES, RunConfig
 from .device import autocast, resolve_device
 from .evaluate import evaluate
 from .operating import fit_tau
@@ -172,11 +173,16 @@ def make_loaders(config: RunConfig, device: torch.device, rank: int, world: int,
                              "image_size": train_data.image_size, "name": train_data.name, "train_eval": fit_b}
 
 
-def build_model(cfg: RunConfig, num_classes: int, in_channels: int) -> SkipResNet:
+def build_model(cfg: RunConfig, num_classes: int, in_channels: int) -> SkipResNet | RivalResNet:
     m = cfg.model
     for key, given, found in (("num_classes", m.num_classes, num_classes), ("in_channels", m.in_channels, in_channels)):
         if given is not None and given != found:
             raise ValueError(f"model.{key} is {given} but the data has {found}: leave it unset to take the data's")
+    if cfg.train.stage in RIVAL_STAGES:  # ACT, SACT or random skipping on the preset's plain ResNet
+        return create_rival(cfg.train.stage, m.name, num_classes=m.num_classes or num_classes,
+                            in_channels=m.in_channels or in_channels,
+                            **({"drop_rate": cfg.train.drop_rate} if cfg.train.stage == "sdv" else
+                               {"halt_eps": m.halt_eps}))
     overrides = dict(gate="none" if cfg.train.stage == "baseline" else m.gate, embed_dim=m.embed_dim,
                      hidden_dim=m.hidden_dim, num_classes=m.num_classes or num_classes,
                      in_channels=m.in_channels or in_channels)
@@ -184,11 +190,17 @@ def build_model(cfg: RunConfig, num_classes: int, in_channels: int) -> SkipResNe
 
 
 def init_from(model: SkipResNet, path: str) -> None:
-    """Start from another run's weights (HRL from SP): the backbone and, when present, the gates."""
+    """Start from another run's weights (HRL from SP): the backbone and, when present, the gates. A rival
+    (ACT, SACT, SDV) takes the source's whole backbone (a plain ResNet's, a SkipNet's without its gates, or
+    another rival's); its halting units start fresh unless the source has them too."""
     payload = load_checkpoint(path)
     source = build_model_from_checkpoint(payload, path)
     state = source.state_dict()
-    if not model.is_gated:
+    if isinstance(model, RivalResNet):
+        own = model.state_dict()
+        fresh = {k: v for k, v in own.items() if k.startswith("halting.") and k not in state}
+        state = {**fresh, **{k: v for k, v in state.items() if k in own}}  # (a missing backbone key: an error)
+    elif not model.is_gated:
         state = {k: v for k, v in state.items() if not k.startswith("gates.")}
     elif not source.is_gated:  # a plain network's weights into a gated one: gates start fresh
         state = {**model.state_dict(), **state}
@@ -275,6 +287,8 @@ class Window:
                 rec[key.replace("macs", "mac_fraction")] = self.mean(key)
         if "ce" in self.sums:  # HRL: "loss" is the surrogate (CE + REINFORCE - entropy); this is the CE
             rec["train_ce"] = self.mean("ce")
+        if "ponder" in self.sums:  # ACT/SACT: the mean ponder cost (N + R summed over stages)
+            rec["ponder"] = self.mean("ponder")
         return rec
 
 
