@@ -73,6 +73,9 @@ def run_label(payload: dict[str, Any]) -> str:
     if cfg.get("gate") == "none":
         return f"R-{cfg.get('depth')}"
     seed = f", seed {train['seed']}" if train.get("seed") else ""
+    if "method" in cfg:  # a rival: its ponder cost or skipping rate
+        rate = f"d={cfg.get('drop_rate'):g}" if cfg["method"] == "sdv" else f"ponder τ={train.get('ponder_cost'):g}"
+        return rate + seed
     if train.get("stage") in ("hrl", "calibrate"):
         if train.get("target_macs") is not None:
             return f"target {train['target_macs']:g}{seed}"
@@ -113,7 +116,8 @@ def make_report(checkpoint: str | Path, *, data: str | None = None, data_root: s
     dev = resolve_device(device)
     model, payload = load_run(checkpoint, dev)
     if not model.is_gated:
-        raise ValueError(f"{checkpoint} holds a plain ResNet; a report analyses a SkipNet (pass it as --plain)")
+        what = f"an {model.method.upper()} network" if hasattr(model, "method") else "a plain ResNet"
+        raise ValueError(f"{checkpoint} holds {what}; a report analyses a SkipNet (pass it as --plain or --compare)")
     notes = [unfinished(payload, checkpoint)]
     tau = run_tau(payload) if tau is None else tau
     test = test_data or load_eval_data(payload, data, data_root, split)
@@ -125,7 +129,8 @@ def make_report(checkpoint: str | Path, *, data: str | None = None, data_root: s
         m, p = load_run(path, dev)
         notes.append(unfinished(p, path))
         r = evaluate(m, loader, tau=run_tau(p), executor="compact")
-        series.setdefault("SkipNet runs", []).append((r["macs_per_image"], r["accuracy"], run_label(p)))
+        name = run_series(p) if hasattr(m, "method") else "SkipNet runs"  # a rival: its own series
+        series.setdefault(name, []).append((r["macs_per_image"], r["accuracy"], run_label(p)))
     for path in plain:  # accuracy points, as in make_sweep
         m, p = load_run(path, dev)
         notes.append(unfinished(p, path))
@@ -155,7 +160,8 @@ def model_title(cfg: Any) -> str:
 
 
 SERIES_NAMES = {"hrl": "SkipNet SP→HRL", "calibrate": "calibrate (ours: global τ + fine-tuning)",
-                "sp": "SkipNet SP (τ 0.5)", "baseline": "plain ResNet"}
+                "sp": "SkipNet SP (τ 0.5)", "baseline": "plain ResNet", "act": "ACT (per-image halting)",
+                "sact": "SACT (per-position halting)", "sdv": "SDV (random skipping, trained for it)"}
 
 
 def run_series(payload: dict[str, Any]) -> str:
