@@ -10,6 +10,9 @@ Trains (or, when a run folder is already complete, reuses; an interrupted one is
     three seeds from the same SP checkpoint;
   * the HRL stage with the paper's objective, and the calibrate stage (ours: global threshold + fine-tuning),
     from the same SP checkpoint;
+  * the rivals (SPEC §10), on the SkipNet's backbone, from scratch by the plain ResNets' recipe for the same
+    epochs: ACT and SACT (Figurnov et al. 2017) at several ponder costs tau, and SDV (random skipping, trained
+    and evaluated at its rate) at several rates -- skip them with --no-rivals;
 and evaluates the tau sweeps of the SP and HRL networks and random skipping at each HRL run's per-block rates
 on the SP weights (the paper's stochastic-depth variant). Writes ``docs/tradeoff/<data>/`` (sweep.json with
 the epochs and date of every row, sweep.md, tradeoff.png) and prints the table; the demo reads its plain
@@ -39,6 +42,10 @@ PLANS = {
         "plain": ["cifar_resnet8", "cifar_resnet14", "cifar_resnet20"],
         "targets": [0.55, 0.65, 0.75], "seeds_at": 0.65, "seeds": [1, 2],
         "taus": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+        # method: (recipe, the train key swept, its values); each recipe's epochs must be the SkipNet's total
+        "rivals": {"act": ("fashion_mnist_act", "ponder_cost", [0.005, 0.01, 0.02, 0.05]),
+                   "sact": ("fashion_mnist_sact", "ponder_cost", [0.005, 0.01, 0.02, 0.05]),
+                   "sdv": ("fashion_mnist_sdv", "drop_rate", [0.2, 0.35, 0.5])},
     },
     # CIFAR-10 (the JPEG copy: --data-root ../shared/datasets/cifar10-jpeg) at the 2-core CPU's scale, 30 epochs
     # in all; about 8 hours on 2 cores, so run it in the background (nohup) and rerun the same command after an
@@ -51,6 +58,10 @@ PLANS = {
         "plain": ["cifar_resnet14", "cifar_resnet20", "cifar_resnet26", "cifar_resnet32", "cifar_resnet38"],
         "targets": [0.5, 0.65], "seeds_at": 0.65, "seeds": [],
         "taus": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+        # the authors' CIFAR-10 ACT/SACT use tau 0.01; each of these 9 runs is about a plain ResNet-38's time or more
+        "rivals": {"act": ("cifar10_cpu_act", "ponder_cost", [0.005, 0.01, 0.02]),
+                   "sact": ("cifar10_cpu_sact", "ponder_cost", [0.005, 0.01, 0.02]),
+                   "sdv": ("cifar10_cpu_sdv", "drop_rate", [0.2, 0.35, 0.5])},
     },
 }
 
@@ -91,6 +102,7 @@ def main() -> int:
                    help="dataset folder (default: the standard place; cifar10: the JPEG copy's folder)")
     p.add_argument("--runs", default=None, help="folder for the runs (default: runs/tradeoff-<data>)")
     p.add_argument("--out", default=None, help="results folder (default: docs/tradeoff/<data>)")
+    p.add_argument("--no-rivals", action="store_true", help="leave out ACT, SACT and SDV (trained or not)")
     args = p.parse_args()
     plan = PLANS[args.data]
     runs = Path(args.runs or f"runs/tradeoff-{args.data}")
@@ -117,9 +129,15 @@ def main() -> int:
                            data, log) for t in plan["targets"][:2]]
     plain = [run_stage(plan["baseline"], runs / f"plain-{name.removeprefix('cifar_')}",
                        root + [f"model.name={name}", f"train.epochs={total}"], data, log) for name in plan["plain"]]
+    rivals = []
+    for method, (recipe, key, values) in ({} if args.no_rivals else plan["rivals"]).items():
+        if load_config(recipe, root).train.epochs != total:
+            raise ValueError(f"recipe {recipe} trains {load_config(recipe, root).train.epochs:g} epochs, not the "
+                             f"SkipNet's {total:g}: the comparison needs the same budget")
+        rivals += [run_stage(recipe, runs / f"{method}-{v:g}", root + [f"train.{key}={v}"], data, log) for v in values]
 
     swept = runs / "sweep"
-    table = make_sweep([str(r) for r in hrl + seeds + [paper] + calibrate], plain=[str(r) for r in plain],
+    table = make_sweep([str(r) for r in hrl + seeds + [paper] + calibrate + rivals], plain=[str(r) for r in plain],
                        taus=plan["taus"], sweep=[str(sp), str(hrl[len(hrl) // 2])], random_from=str(sp),
                        out=swept, overwrite=True, data_root=args.data_root,
                        title=f"{args.data}: {total:g} epochs in all, every series trained by us")
@@ -138,7 +156,12 @@ def main() -> int:
         f"sweep, and random skipping on its weights): {sp_cfg.train.epochs:g}, and the paper's HRL objective, "
         f"which runs its own schedule from the SP network ({epochs_in_all(paper):g} epochs in all). HRL targets "
         "are on the compute greedy inference spends (the policy's expected MACs during training, then tau fitted "
-        "on training images); the MACs in the table are those greedy inference spends on the test set.\n\n"
+        "on training images); the MACs in the table are those greedy inference spends on the test set."
+        + ("" if args.no_rivals else
+           " ACT, SACT (points: ponder cost tau) and SDV (points: skipping rate d) are trained from scratch on the "
+           "SkipNet's backbone by the plain ResNets' recipe; their MACs include the halting units, SACT's are counted "
+           "per position (its measured time is not in this table).")
+        + "\n\n"
         + (swept / "sweep.md").read_text())
     (out / "runs.json").write_text(json.dumps(log, indent=2))
     print((out / "sweep.md").read_text())
