@@ -307,7 +307,7 @@ class ACTResNet(RivalResNet):
         halt = halting_distribution(h, self.config.halt_eps)
         out = halt.weights[:, 0].view(-1, 1, 1, 1) * states[0]
         for k in range(1, len(states)):
-            out = out + halt.weights[:, k].view(-1, 1, 1, 1) * states[k]
+            out = torch.addcmul(out, halt.weights[:, k].view(-1, 1, 1, 1), states[k])
         return out, halt
 
     def _act_compact(self, s: int, x: Tensor) -> tuple[Tensor, Halting]:
@@ -324,20 +324,28 @@ class ACTResNet(RivalResNet):
             x = unit(x)  # (n, C, H, W): the running images
             last = k == steps - 1
             h = torch.ones(x.shape[0], device=x.device) if last else halts[k](x)
-            cum_i = cum[idx]
+            whole = idx.shape[0] == batch  # (every image still running: no gathers needed)
+            cum_i = cum if whole else cum[idx]
             c, stop, w = halt_step(cum_i, h, eps, last)
-            part = w.view(-1, 1, 1, 1) * x
             if out is None:
-                out = part  # (every image runs the first unit)
+                out = w.view(-1, 1, 1, 1) * x  # (every image runs the first unit)
+            elif whole:
+                out = torch.addcmul(out, w.view(-1, 1, 1, 1), x)
             else:
-                out = out.index_add(0, idx, part)
-            cum[idx] = c
-            n_run[idx[stop]] = k + 1
-            remainder[idx[stop]] = w[stop]
-            keep = ~stop
-            if not bool(keep.any()):
+                out = out.index_add(0, idx, w.view(-1, 1, 1, 1) * x)
+            stopped = int(stop.sum())
+            if whole:
+                cum = c
+            else:
+                cum[idx] = c
+            if stopped:
+                n_run[idx[stop]] = k + 1
+                remainder[idx[stop]] = w[stop]
+            if stopped == idx.shape[0]:
                 break
-            idx, x = idx[keep], x[keep]
+            if stopped:
+                keep = ~stop
+                idx, x = idx[keep], x[keep]
         return out, Halting(None, n_run, remainder, n_run.float() + remainder)
 
     # --- SACT ---
@@ -359,7 +367,7 @@ class ACTResNet(RivalResNet):
         halt = halting_distribution(h, eps)  # weights (B, H, W, L)
         out = halt.weights[..., 0].unsqueeze(1) * states[0]
         for k in range(1, len(states)):
-            out = out + halt.weights[..., k].unsqueeze(1) * states[k]
+            out = torch.addcmul(out, halt.weights[..., k].unsqueeze(1), states[k])
         return out, halt, self._sact_stage_macs(s, halt.units, table)
 
     def _sact_compact(self, s: int, x: Tensor, table: MacTable) -> tuple[Tensor, Halting, Tensor]:
@@ -375,15 +383,15 @@ class ACTResNet(RivalResNet):
         remainder = torch.zeros_like(cum)
         out = None
         for k in range(steps):
+            everywhere = bool(active.all())  # (then the dense unit computes the same, and is charged the same)
             if k > 0:
-                x = run_unit_at(units[k], x, active)
+                x = units[k](x) if everywhere else run_unit_at(units[k], x, active)
             last = k == steps - 1
-            h = torch.ones_like(cum) if last else halts[k](x, active)
+            h = torch.ones_like(cum) if last else halts[k](x, None if everywhere else active)
             c, stop, w = halt_step(cum, h, eps, last)
             stop = stop & active
             w = torch.where(active, w, torch.zeros_like(w))
-            part = w.unsqueeze(1) * x
-            out = part if out is None else out + part
+            out = w.unsqueeze(1) * x if out is None else torch.addcmul(out, w.unsqueeze(1), x)
             cum = torch.where(active, c, cum)
             n_run = torch.where(stop, torch.full_like(n_run, k + 1), n_run)
             remainder = torch.where(stop, w, remainder)
