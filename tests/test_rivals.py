@@ -1,6 +1,8 @@
 """The rivals (SPEC §10): ACT and SACT halting, random skipping (SDV), their MACs and their training runs."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +280,14 @@ def test_train_method_shortcut_sets_the_stage(monkeypatch, tmp_path):
     monkeypatch.setattr(skipnet.train, "train", lambda config, run_dir, **kw: seen.update(config=config) or {})
     assert main(["train", "--recipe", "fashion_mnist_sact", "--method", "act", "--run-dir", str(tmp_path / "r")]) == 0
     assert seen["config"].train.stage == "act"
+
+
+def test_bench_rivals_times_the_plain_network_and_both_executions():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rivals.py"
+    spec = importlib.util.spec_from_file_location("bench_rivals", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = create_rival("act", "cifar_resnet8", num_classes=3)
+    rows = bench.bench_rival(model, torch.randn(3, 3, 8, 8), [2], budget_s=0.003, min_images=4)
+    assert [(r["executor"], r["draws"]) for r in rows] == [("plain", 2), ("masked", 2), ("compact", 2)]
+    assert all(r["latency_ms_p50"] > 0 and r["ideal_speedup"] > 0 for r in rows)
