@@ -90,7 +90,7 @@ def test_runner_takes_every_hard_mode_through_the_gate_modules(mode):
 
 
 def test_runner_without_the_kernels_matches_it_with_them():
-    """``ops.reference_only`` and ``RunnerConfig(kernels=False)``: every op by its PyTorch reference; the same
+    """``ops.reference_only`` and a RunnerConfig without kernels: every op by its PyTorch reference; the same
     decisions, probabilities to float rounding."""
     torch.manual_seed(0)
     model = _nontrivial(create_model("cifar_resnet14")).eval()
@@ -100,8 +100,8 @@ def test_runner_without_the_kernels_matches_it_with_them():
         with ops.reference_only():
             assert not _stepper(compact_runner(model), x).kernel
             fallback = model(x, "greedy", executor="compact")
-        plain = CompactRunner(model, RunnerConfig(kernels=False))(x, "greedy")
-    assert not _stepper(CompactRunner(model, RunnerConfig(kernels=False)), x).kernel
+        plain = CompactRunner(model, RunnerConfig(gate_kernel=False, merge_kernel=False))(x, "greedy")
+    assert not _stepper(CompactRunner(model, RunnerConfig(gate_kernel=False, merge_kernel=False)), x).kernel
     for other in (fallback, plain):
         assert torch.equal(fast.decisions, other.decisions)
         torch.testing.assert_close(fast.probs, other.probs, rtol=0, atol=1e-6)

@@ -52,15 +52,17 @@ class RunnerConfig:
     ``copy_cost``: the cost of copying one image's activations, as a fraction of running a basic block of
     width C on it, times C (both scale with H x W; the convolutions also with C). With k copies per running
     image, running the B - n skipped images too is cheaper once n / B exceeds :meth:`crossover`.
-    ``gate_kernel_max_batch``: the RNN gate kernel runs on one thread; above this batch size, when PyTorch has
-    several threads, the reference's (threaded) ops take the gate. ``merge_kernel_min_numel``: below this many
-    values a merge costs less as PyTorch's ops than as a kernel call behind its checks. ``kernels``: ``False``
-    runs every op's PyTorch reference (a measurement's baseline; results equal to float rounding)."""
+    ``gate_kernel``, ``merge_kernel``: whether the RNN gate step and the inference merge may use their CPU
+    kernels (``False``: the PyTorch reference; results equal to float rounding). ``gate_kernel_max_batch``:
+    the gate kernel runs on one thread; above this batch size, when PyTorch has several threads, the
+    reference's (threaded) ops take the gate. ``merge_kernel_min_numel``: below this many values a merge
+    costs less as PyTorch's ops than as a kernel call behind its checks."""
 
     copy_cost: float = 0.9
+    gate_kernel: bool = True
     gate_kernel_max_batch: int = 32
+    merge_kernel: bool = True
     merge_kernel_min_numel: int = 1 << 16
-    kernels: bool = True
 
     def crossover(self, channels: int, copies: int = 2) -> float:
         """The fraction of the batch running a block of input width ``channels`` from which running the whole
@@ -213,7 +215,7 @@ class CompactRunner:
         if type(block).merge is not ResidualBlock.merge:
             return block.merge(residual, shortcut), None
         cfg = self.config
-        kernel = (cfg.kernels and residual.numel() >= cfg.merge_kernel_min_numel
+        kernel = (cfg.merge_kernel and residual.numel() >= cfg.merge_kernel_min_numel
                   and residual.shape[0] >= torch.get_num_threads()  # (the kernel splits the batch over threads)
                   and not torch.is_grad_enabled())
         return ops.add_relu_pool_(residual, shortcut, pool, kernel=kernel)
@@ -257,7 +259,7 @@ class CompactRunner:
                 and not torch.is_autocast_enabled(x.device.type)):
             dtype = bank.fc.weight.dtype
             if x.dtype == dtype and dtype in (torch.float32, torch.float64, torch.float16):
-                kernel = (self.config.kernels and x.device.type == "cpu" and dtype == torch.float32
+                kernel = (self.config.gate_kernel and x.device.type == "cpu" and dtype == torch.float32
                           and (x.shape[0] <= self.config.gate_kernel_max_batch or torch.get_num_threads() == 1)
                           and ops.kernels_available())
                 return self._acquire(bank, x, kernel).start(temperature, tau if mode == "greedy" else None)
