@@ -109,7 +109,8 @@ def _metric_lines(run: Path) -> list[dict]:
     ("hrl", {"target_macs": 0.5, "baseline": "greedy", "explore": 0.1, "entropy": 0.05, "budget_ramp": True,
              "budget": "greedy", "schedule": "cosine", "gate_optimizer": "adam", "gate_lr": 0.01,
              "rl_reduction": "mean", "rl_weight": 1.0}),
-], ids=["sp", "sp-drop", "baseline", "calibrate", "hrl-ema", "hrl-greedy-explore"])
+    ("sdv", {"drop_rate": 0.3}),  # the rival random skipping: its draws, a function of (seed, step)
+], ids=["sp", "sp-drop", "baseline", "calibrate", "hrl-ema", "hrl-greedy-explore", "sdv"])
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, sp_run, stage, extra):
     if stage in ("hrl", "calibrate"):
         extra = {**extra, "init": str(sp_run)}

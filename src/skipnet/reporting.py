@@ -222,6 +222,9 @@ def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence
 
     for path in (list(runs[:1]) if sweep is None else list(sweep)) if taus else []:
         m, p = load(path)
+        if not m.is_gated:  # a plain ResNet or a rival (ACT, SACT, SDV) has no threshold to sweep
+            log.info("%s has no gates: no threshold sweep", path)
+            continue
         for row in threshold_sweep(m, loader, taus, executor="compact", progress=progress):
             table.append({"series": f"τ sweep ({run_series(p)}, {Path(path).name})", "label": f"τ={row['tau']:g}",
                           "accuracy": row["accuracy"], "macs": row["mean_macs"], "reduction": row["reduction_pct"],
