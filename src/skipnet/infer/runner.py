@@ -45,9 +45,9 @@ _HOST_MODES = ("greedy", "fixed", "all", "none")  # hard decisions without gradi
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    """When compact inference does what: the settings that trade copies, kernels and threads. The defaults were
-    measured on the development machine (2 x86-64 cores, one PyTorch thread; ``benchmarks/bench_runner.py``
-    measures them anew, ``docs/RESULTS.md`` has the figures and their dates).
+    """When compact inference does what: the settings that trade copies, kernels and threads.
+    ``benchmarks/bench_runner.py`` measures them on a machine; docs/RESULTS.md has the figures behind the
+    defaults, with their dates.
 
     ``copy_cost``: the cost of copying one image's activations, as a fraction of running a basic block of
     width C on it, times C (both scale with H x W; the convolutions also with C). With k copies per running

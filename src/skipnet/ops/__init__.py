@@ -18,8 +18,8 @@ process; :func:`reference_only` turns them off within a block (tests, measuremen
 
 The kernels' CPU preconditions are checked in Python before a call (dtype, device, one shape and the same
 dense strides); the kernels check them again and raise ``RuntimeError`` when called directly with other
-tensors. Which kernels pay for themselves, and at which sizes, was measured: ``benchmarks/bench_merge.py``
-and ``docs/RESULTS.md``.
+tensors. Whether and from which sizes the kernels pay for themselves is measured by
+``benchmarks/bench_merge.py`` and ``benchmarks/bench_runner.py`` (figures in docs/RESULTS.md).
 """
 
 from __future__ import annotations
