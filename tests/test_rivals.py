@@ -261,6 +261,19 @@ def test_a_rival_starts_from_a_plain_resnets_weights(tmp_path):
         init_from(create_rival("sdv", "cifar_resnet20", drop_rate=0.2), str(tmp_path / "plain.pt"))
 
 
+def test_a_torchvision_resnets_weights_load_into_a_rival():
+    import torchvision
+
+    from skipnet.models.rivals import rival_from_torchvision
+
+    tv = torchvision.models.resnet18(num_classes=7).eval()
+    act = rival_from_torchvision("act", tv).eval()
+    torch.testing.assert_close(act.layer3[1].conv2.weight, tv.layer3[1].conv2.weight)
+    assert act.config.num_classes == 7 and len(act.halting[0]) == 1
+    with torch.no_grad():  # halting never reached (scores ~0.05): every unit runs, the last one weighted by R
+        assert act(torch.randn(1, 3, 32, 32)).units.tolist() == [[2, 2, 2, 2]]
+
+
 def test_rival_config_keys_are_checked():
     with pytest.raises(ValueError, match="drop_rate"):
         load_config(None, ["train.stage=sdv"])

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..cost import MacTable, build_mac_table
 from .blocks import ResidualBlock
-from .registry import model_config
+from .registry import from_torchvision, model_config
 from .skipnet import SkipNetConfig, SkipResNet
 
 RIVAL_METHODS = ("act", "sact", "sdv")
@@ -184,3 +184,17 @@ def create_rival(method: str, name: str, **overrides) -> RivalResNet:
     ``create_rival("sdv", "cifar_resnet38", drop_rate=0.3)``; ``num_classes``, ``in_channels``, ``halt_eps``
     and ``drop_rate`` may be overridden."""
     return build_rival(rival_config(method, name, **overrides))
+
+
+def rival_from_torchvision(method: str, tv_model: nn.Module, **overrides) -> RivalResNet:
+    """A rival holding the weights of a ``torchvision.models.resnetNN()`` (the authors started their ImageNet
+    ACT/SACT from a pretrained ResNet-101): every backbone tensor is copied; the halting units start fresh."""
+    plain = from_torchvision(tv_model, gate="none")
+    c = plain.config
+    model = build_rival(RivalConfig(method=method, arch=c.arch, depth=c.depth, num_classes=c.num_classes,
+                                    in_channels=c.in_channels, **overrides))
+    result = model.load_state_dict(plain.state_dict(), strict=False)
+    if result.unexpected_keys or any(not k.startswith("halting.") for k in result.missing_keys):
+        raise ValueError(f"torchvision weights did not match: missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys}")  # pragma: no cover - same backbone by construction
+    return model
