@@ -301,7 +301,7 @@ def test_overrides_are_typed_and_checked():
         load_config("no_such_recipe")
     cfg = load_config("fashion_mnist_hrl", ["train.milestones=[1,2]", "train.target_macs=none"])
     assert cfg.train.milestones == (1.0, 2.0) and cfg.train.target_macs is None
-    with pytest.raises(ValueError, match="drop_rate applies to the sp stage only"):
+    with pytest.raises(ValueError, match="drop_rate applies to the sp"):
         load_config("fashion_mnist_hrl", ["train.drop_rate=0.1"])
     with pytest.raises(ValueError, match="drop_rate is a probability"):
         load_config(None, ["train.drop_rate=1"])
@@ -311,7 +311,7 @@ def test_overrides_are_typed_and_checked():
         load_config("fashion_mnist_hrl", ["train.gate_gradient=straight_through"])
     with pytest.raises(ValueError, match="stage 'calibrate' moves the threshold to target_macs"):
         load_config("fashion_mnist_calibrate", ["train.target_macs=none"])
-    with pytest.raises(ValueError, match="drop_rate applies to the sp stage only"):
+    with pytest.raises(ValueError, match="drop_rate applies to the sp"):
         load_config("fashion_mnist_calibrate", ["train.drop_rate=0.1"])
     with pytest.raises(ValueError, match="explore is a mixing weight"):
         load_config("fashion_mnist_hrl", ["train.explore=1"])

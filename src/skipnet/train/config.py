@@ -120,7 +120,7 @@ class TrainSection:
     threshold_gain: float = 0.2  # calibrate: share of the needed threshold shift taken per step
     # --- evaluation and mechanics ---
     tau: float = 0.5  # greedy threshold for evaluation
-    fit_tau: bool = False  # HRL: at the end, set tau so that greedy inference spends target_macs on training
+    fit_tau: bool = False  # HRL: at the end, set tau so that greedy inference spends target_macs (none: no effect)
     fit_images: int = 5000  # images (no labels needed); stored with the run (ours, see train/operating.py)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -197,8 +197,8 @@ class TrainSection:
             raise ValueError(f"ponder_cost (tau) is a finite weight >= 0; got {self.ponder_cost}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
-        if self.fit_tau and (self.stage != "hrl" or self.target_macs is None):
-            raise ValueError("fit_tau sets tau to meet target_macs after an hrl stage: set stage hrl and target_macs")
+        if self.fit_tau and self.stage != "hrl":
+            raise ValueError(f"fit_tau sets tau to meet target_macs after an hrl stage; got stage {self.stage!r}")
         if not 0 <= self.tau <= 1:
             raise ValueError(f"tau is a probability threshold in [0, 1]; got {self.tau}")
         if self.fit_images < 1:

@@ -445,7 +445,7 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, progress: bool,
                 step = train_one_epoch(net, model, stage, optimizers, loader.epoch(epoch, start_step=in_epoch),
                                        step, sched, folder=folder, stop=stop, test_loader=test_loader, bar=bar,
                                        window=window, rank=rank, world=world)
-        if cfg.fit_tau and step >= total and rank == 0:
+        if cfg.fit_tau and cfg.target_macs is not None and step >= total and rank == 0:
             folder.tau = fit_operating_tau(model, info["train_eval"], cfg)
         folder.checkpoint(model, optimizers, stage, step, total)
     finally:
