@@ -167,10 +167,11 @@ def conv_at(m: Tensor, conv: nn.Conv2d, where: tuple[Tensor, Tensor, Tensor]) ->
     """``conv`` (stride 1, 'same') of the map ``m`` (B, H, W, C) -- channels last -- at the positions
     ``where`` = (b, i, j) index tensors: each position's kernel-sized patch is gathered (zero padding outside
     the map) and multiplied by the weights. Returns (n, out_channels). Computes n x (MACs per position)."""
-    if conv.groups != 1:
-        raise ValueError("gathered convolution supports groups=1 only")
     kh, kw = conv.kernel_size
     ph, pw = conv.padding  # type: ignore[misc]
+    if conv.groups != 1 or tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1) or \
+            (2 * ph, 2 * pw) != (kh - 1, kw - 1):
+        raise ValueError(f"gathered convolution needs a stride-1, undilated, ungrouped 'same' convolution; got {conv}")
     b, i, j = where
     weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (Cout, kh*kw*Cin)
     if kh == kw == 1:
