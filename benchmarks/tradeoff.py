@@ -166,7 +166,10 @@ def main() -> int:
            "per position (its measured time is not in this table).")
         + "\n\n"
         + (swept / "sweep.md").read_text())
-    (out / "runs.json").write_text(json.dumps(log, indent=2))
+    # the training log: this invocation's runs, and those recorded when the reused ones were trained
+    trained = {entry["run"] for entry in log}
+    earlier = json.loads((out / "runs.json").read_text()) if (out / "runs.json").is_file() else []
+    (out / "runs.json").write_text(json.dumps([e for e in earlier if e["run"] not in trained] + log, indent=2))
     print((out / "sweep.md").read_text())
     return 0
 
