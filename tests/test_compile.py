@@ -12,6 +12,7 @@ from skipnet.ops import build
 
 
 def _model(name="cifar_resnet8"):
+    """A SkipNet with seeded, non-trivial BatchNorm statistics and gate biases (so that decisions vary)."""
     torch.manual_seed(0)
     model = create_model(name)
     for m in model.modules():

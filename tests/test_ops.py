@@ -11,6 +11,8 @@ import torch
 from skipnet import create_model, ops
 from skipnet.ops import build
 
+from .test_compile import _model
+
 needs_kernels = pytest.mark.skipif(not ops.kernels_available(), reason="no C++ compiler: only the references run")
 
 
@@ -79,15 +81,8 @@ def test_gated_merge_kernel_in_a_training_step_matches_the_reference():
     with the merge kernel as with the reference (and the gates' pooled gradient as with autograd's mean)."""
     from skipnet.models import gates
 
-    torch.manual_seed(0)
-    model = create_model("cifar_resnet20").train().to(memory_format=torch.channels_last)
-    for m in model.modules():  # (BatchNorm statistics: as in the inference tests, for the same draws)
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    for m in model.gates.modules():
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.normal_(m.bias, std=1.0)
+    # (BatchNorm statistics and gate biases drawn as in the compile and inference tests, for the same draws)
+    model = _model("cifar_resnet20").train().to(memory_format=torch.channels_last)
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (8,))
     with torch.no_grad():  # move the gates' logits so that some blocks run for only part of the batch

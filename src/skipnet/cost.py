@@ -236,3 +236,21 @@ def act_macs(table: MacTable, halting: tuple[int, ...] | list[int], decisions: T
 def _accumulator(device: torch.device) -> torch.dtype:
     """float64 for MAC sums (exact below 2^53); float32 on MPS, which has no float64."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+class MacTabled:
+    """What a ResNet module (SkipNet or a rival) shares for its cost accounting: the stem as a layer list and
+    :meth:`mac_table`, built by :func:`build_mac_table` once per input size (``self._mac_tables``, a dict
+    the module sets in ``__init__``)."""
+
+    def stem_layers(self) -> list[nn.Module]:
+        return [self.conv1, self.bn1, self.relu, self.maxpool]
+
+    def mac_table(self, input_size: tuple[int, int]) -> MacTable:
+        """The analytic MAC table for inputs of ``input_size`` (H, W), built once and memoised (a network
+        without gates: the plain ResNet's)."""
+        key = (int(input_size[0]), int(input_size[1]))
+        table = self._mac_tables.get(key)
+        if table is None:
+            table = self._mac_tables[key] = build_mac_table(self, key)
+        return table

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from ..cost import MacTable, build_mac_table
+from ..cost import MacTable, MacTabled
 from .blocks import ResidualBlock
 from .registry import from_torchvision, model_config
 from .skipnet import SkipNetConfig, SkipResNet
@@ -96,7 +96,7 @@ class RivalOutput:
     log_probs: None = None
 
 
-class RivalResNet(nn.Module):
+class RivalResNet(MacTabled, nn.Module):
     """The shared part: the plain ResNet's backbone (adopted, not copied: same modules and parameter names),
     input checks, the MAC table and the head. Subclasses define ``forward``."""
 
@@ -124,17 +124,6 @@ class RivalResNet(nn.Module):
     @property
     def method(self) -> str:
         return self.config.method
-
-    def stem_layers(self) -> list[nn.Module]:
-        return [self.conv1, self.bn1, self.relu, self.maxpool]
-
-    def mac_table(self, input_size: tuple[int, int]) -> MacTable:
-        """The plain ResNet's analytic MAC table for inputs of ``input_size`` (H, W) (no gates), memoised."""
-        key = (int(input_size[0]), int(input_size[1]))
-        table = self._mac_tables.get(key)
-        if table is None:
-            table = self._mac_tables[key] = build_mac_table(self, key)
-        return table
 
     def check_input(self, x: Tensor, executor: str) -> None:
         """``ValueError`` for input the network can't take, or an executor it does not have."""

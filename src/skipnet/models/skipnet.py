@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ..cost import MacTable, build_mac_table
+from ..cost import MacTable, MacTabled
 from .blocks import BasicBlock, Bottleneck, ResidualBlock, projection
 from .decisions import check_mode, decide
 from .executors import check_executor, run_masked
@@ -78,7 +78,7 @@ class SkipNetOutput:
     macs: Tensor
 
 
-class SkipResNet(nn.Module):
+class SkipResNet(MacTabled, nn.Module):
     """A ResNet with a gate in front of every block but the first (or none, for the plain network)."""
 
     def __init__(self, config: SkipNetConfig):
@@ -149,17 +149,6 @@ class SkipResNet(nn.Module):
     @property
     def is_gated(self) -> bool:
         return self.gates is not None
-
-    def stem_layers(self) -> list[nn.Module]:
-        return [self.conv1, self.bn1, self.relu, self.maxpool]
-
-    def mac_table(self, input_size: tuple[int, int]) -> MacTable:
-        """The analytic MAC table for inputs of ``input_size`` (H, W), built once and memoised."""
-        key = (int(input_size[0]), int(input_size[1]))
-        table = self._mac_tables.get(key)
-        if table is None:
-            table = self._mac_tables[key] = build_mac_table(self, key)
-        return table
 
     def check_input(self, x: Tensor) -> None:
         """Raise ``ValueError`` saying what was expected and what came, for input the network can't take."""
