@@ -2,7 +2,7 @@
 
 One process owns a folder at a time (:class:`RunLock`, an OS lock held for the run's life). A folder is never
 overwritten unless asked; checkpoints are written atomically (see :mod:`.checkpoint`) and carry the run's
-identity and config, which resume uses (:func:`resume_config`); on resume the metric lines written after the
+identity and config, which resume uses (:func:`resume_point`); on resume the metric lines written after the
 checkpoint are dropped, so the log matches the state it continues from.
 """
 
@@ -67,11 +67,9 @@ class RunLock:
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Check that ``run_dir`` (locked by the caller) can take this run: a checkpoint to resume, or an empty
-    folder (``overwrite`` empties it)."""
+    """Check that ``run_dir`` (locked by the caller) can take a fresh run: an empty folder (``overwrite``
+    empties it). A resumed run is checked by :func:`resume_point`."""
     if resume:
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise CheckpointError(f"nothing to resume in {run_dir}: no checkpoints/last.pt")
         return
     contents = [p for p in run_dir.iterdir() if p.name != LOCK]
     if contents:
@@ -99,9 +97,10 @@ def discard_failed_start(run_dir: Path, lock: RunLock) -> None:
         run_dir.rmdir()
 
 
-def resume_config(run_dir: str | Path) -> RunConfig:
-    """The config a run resumes with: its checkpoint's. The folder's ``config.yaml`` must agree with it (a
-    file cut short or edited would otherwise change the run silently)."""
+def resume_point(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
+    """What a run resumes from: its checkpoint (read once, on the CPU) and the config stored in it. The
+    folder's ``config.yaml`` must agree with it (a file cut short or edited would otherwise change the run
+    silently)."""
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / "last.pt"
     if not last.is_file():
@@ -116,7 +115,7 @@ def resume_config(run_dir: str | Path) -> RunConfig:
         if differ:
             raise CheckpointError(f"{on_disk} disagrees with its checkpoint {last} ({'; '.join(differ[:6])}); "
                                   "the checkpoint's config is the run's -- restore config.yaml or delete it")
-    return config
+    return config, payload
 
 
 def config_differences(a: RunConfig, b: RunConfig) -> list[str]:

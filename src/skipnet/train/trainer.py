@@ -43,7 +43,7 @@ from .runs import (
     discard_failed_start,
     prefixed,
     prepare_run_dir,
-    resume_config,
+    resume_point,
 )
 from .stages import Stage, make_stage
 
@@ -356,17 +356,19 @@ def train(config: RunConfig | None, run_dir: str | Path, *, resume: bool = False
     try:
         if rank == 0:
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        payload = None
         if resume:
-            saved = resume_config(run_dir)
-            if config is not None and config_differences(config, saved):
+            saved, payload = resume_point(run_dir)
+            differ = config_differences(config, saved) if config is not None else []
+            if differ:
                 raise ValueError(f"--resume continues {run_dir} with its checkpoint's config, which differs from "
-                                 f"the one given: {'; '.join(config_differences(config, saved)[:6])}")
+                                 f"the one given: {'; '.join(differ[:6])}")
             config = saved
         if config is None:
             raise ValueError("a fresh run needs a config")
         fresh_failed = not resume
-        result = _train(config, run_dir, resume=resume, progress=progress, data=data, max_steps=max_steps,
-                        rank=rank, world=world)
+        result = _train(config, run_dir, payload, progress=progress, data=data, max_steps=max_steps, rank=rank,
+                        world=world)
         fresh_failed = False
         return result
     finally:
@@ -376,8 +378,10 @@ def train(config: RunConfig | None, run_dir: str | Path, *, resume: bool = False
             lock.release()
 
 
-def _train(config: RunConfig, run_dir: Path, *, resume: bool, progress: bool,
+def _train(config: RunConfig, run_dir: Path, payload: dict[str, Any] | None, *, progress: bool,
            data: tuple[ImageData, ImageData] | None, max_steps: int | None, rank: int, world: int) -> dict[str, Any]:
+    """One stage from scratch or ``init``, or resumed from ``payload`` (the run's checkpoint)."""
+    resume = payload is not None
     cfg = config.train
     if cfg.stage in ("hrl", "calibrate") and not cfg.init and not resume:
         raise ValueError(f"stage {cfg.stage!r} starts from a trained SP network: set train.init (--init) to the "
@@ -388,7 +392,6 @@ def _train(config: RunConfig, run_dir: Path, *, resume: bool, progress: bool,
         torch.cuda.set_device(device)
     if world > 1:
         dist.barrier()
-    payload = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device) if resume else None
     if payload is not None and payload.get("finished") and (run_dir / "final.json").is_file():
         log.info("%s finished its schedule already (step %d); nothing to resume", run_dir, payload["step"])
         return json.loads((run_dir / "final.json").read_text()) if rank == 0 else {}
