@@ -259,7 +259,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     model: Any = args.model
     kwargs: dict[str, Any] = {}
-    if Path(args.model).exists() or args.model in __import__("skipnet").list_pretrained():
+    from .published import list_pretrained
+
+    if Path(args.model).exists() or args.model in list_pretrained():
         from .reporting import load_run, run_tau
 
         model, payload = load_run(args.model, torch.device("cpu"))  # (warns when the run did not finish)
