@@ -4,11 +4,13 @@ torch.compile, torch.export and autograd rely on (torch.library.opcheck), and th
 import os
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
 
 from skipnet import create_model, ops
+from skipnet.infer import CompactRunner
 from skipnet.ops import build
 
 from .test_compile import _model
@@ -253,11 +255,12 @@ def test_op_registrations():
 def test_kernel_sources_compile_without_warnings():
     """The C++ sources build warning-free with the build's flags and -Werror (syntax and semantic checks)."""
     cpp_extension = build._cpp_extension()
-    includes = [a for p in cpp_extension.include_paths() for a in ("-isystem", p)]
+    includes = [a for p in [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+                for a in ("-isystem", p)]
     compiler = os.environ.get("CXX", "c++")
     for name in build.SOURCES:
         cmd = [compiler, "-std=c++20", "-fsyntax-only", "-Werror", *build.ATTEMPTS[0][0], *includes,
-               str(build.CSRC / name)]
+               "-DTORCH_EXTENSION_NAME=skipnet_ops_check", str(build.CSRC / name)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
 
@@ -302,3 +305,25 @@ def test_flop_counter_counts_the_gate_kernel_as_the_reference():
             model(x, "greedy", executor="compact")
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1]
+
+
+@needs_kernels
+def test_compact_inference_calls_the_gate_kernel_directly_outside_dispatch_modes():
+    """A compact pass steps the RNN gates through the kernel's direct binding (no dispatcher: what batch-1
+    latency needs), and through the op under a dispatch mode, so that the mode (here the FLOP counter) sees every
+    gate. Both give the reference's decisions and probabilities."""
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20").eval()
+    runner = CompactRunner(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert runner._stepper(x, "greedy", 0.5, 1.0, None, None, 0.0, True).step_fn is build.direct_gate_step()
+        with torch.utils.flop_counter.FlopCounterMode(display=False):
+            stepper = runner._stepper(x, "greedy", 0.5, 1.0, None, None, 0.0, True)
+        assert stepper.step_fn is torch.ops.skipnet.rnn_gate_step.default
+        fast = runner(x, "greedy")
+        with ops.reference_only():
+            ref = runner(x, "greedy")
+    assert torch.equal(fast.decisions, ref.decisions)
+    torch.testing.assert_close(fast.probs, ref.probs, rtol=1e-5, atol=5e-6)
+    torch.testing.assert_close(fast.logits, ref.logits, rtol=1e-4, atol=1e-4)

@@ -11,6 +11,8 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include "skipnet_ops.h"
+
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -246,6 +248,10 @@ int64_t rnn_gate_step_impl(at::Tensor& pooled, at::Tensor& state, at::Tensor& pr
   return count;
 }
 
+}  // namespace
+
+namespace skipnet {
+
 // The op: the step with subnormal floats flushed to zero (x86's FTZ and DAZ; the caller's mode is restored on
 // return). A saturated LSTM cell (large gate inputs: sigmoid(z) ~ 1e-38) makes subnormal products, each ~100
 // cycles in the scalar loops, which made a whole step several times slower. Flushing changes values by less
@@ -266,6 +272,6 @@ int64_t rnn_gate_step(at::Tensor& pooled, at::Tensor& state, at::Tensor& probs, 
                             b_fc, temperature, tau);
 }
 
-}  // namespace
+}  // namespace skipnet
 
-TORCH_LIBRARY_IMPL(skipnet, CPU, m) { m.impl("rnn_gate_step", &rnn_gate_step); }
+TORCH_LIBRARY_IMPL(skipnet, CPU, m) { m.impl("rnn_gate_step", &skipnet::rnn_gate_step); }

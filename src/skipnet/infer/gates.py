@@ -6,7 +6,8 @@ decisions (B,) (anything ``np.flatnonzero`` reads; ``None`` where the runner kno
 ``all``, ``none``) and how many images run the block. Two kinds:
 
 * :class:`RNNGates` (RNN gates, hard decisions, no autograd): the op ``skipnet::rnn_gate_step`` per gate --
-  its CPU kernel in float32, else its PyTorch reference. It keeps the gate inputs' spatial means between
+  its CPU kernel in float32 (called directly, without the dispatcher, when no dispatch mode is active), else
+  its PyTorch reference. It keeps the gate inputs' spatial means between
   gates, so ``change`` is only what changed since the previous gate: ``None`` (nothing: the images skipped an
   identity block), a tensor (every image, in image order: activations, or their means (B, C, 1, 1) where the
   merge computed them), or ``(idx, idx_t, rows)``: the images ``idx`` (NumPy int64 and the same as a tensor)
@@ -32,6 +33,12 @@ from .. import ops
 from ..models.decisions import decide
 from ..models.gates import RNNGateBank
 
+try:  # whether a TorchDispatchMode (e.g. FlopCounterMode) is active: PyTorch's own check, in a private module
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _dispatch_mode_active
+except ImportError:  # if it moves: always call the op, which every mode sees
+    def _dispatch_mode_active() -> bool:
+        return True
+
 
 class RNNGates:
     """An RNN gate bank's gates for passes over batches of ``batch`` images on one device and dtype, through
@@ -49,6 +56,7 @@ class RNNGates:
         self.state = torch.empty(2, batch, bank.hidden_dim, **self.options)  # h, c (zeroed at gate 0)
         self.unused = torch.empty(batch, bank.num_gates, **self.options)  # decisions of passes without tau
         self.step_op = torch.ops.skipnet.rnn_gate_step.default if kernel else ops.rnn_gate_step_reference
+        self.direct = ops.build.direct_gate_step() if kernel else None
 
     def start(self, temperature: float, tau: float | None) -> RNNGates:
         """Ready for a pass with these settings and the bank's current parameters."""
@@ -57,6 +65,9 @@ class RNNGates:
         self.shared = (rnn["weight_ih"], rnn["weight_hh"], rnn["bias_ih"], rnn["bias_hh"], fc["weight"], fc["bias"])
         self.proj = [m._parameters for m in mods["proj"]._modules.values()]
         self.temperature, self.tau = temperature, tau
+        # The kernel's direct binding skips the dispatcher (at batch 1 a call through torch.ops costs as much as
+        # the step); under a dispatch mode (FlopCounterMode, fake tensors) the op is called, so the mode sees it.
+        self.step_fn = self.step_op if self.direct is None or _dispatch_mode_active() else self.direct
         self.out_p = torch.empty(self.batch, self.bank.num_gates, **self.options)
         self.out_d = self.unused if tau is None else torch.empty_like(self.out_p)
         self.host_d = self.out_d.numpy() if self.out_d.device.type == "cpu" else None
@@ -70,7 +81,7 @@ class RNNGates:
         else:
             x, idx = change, None
         p = self.proj[index]
-        n = self.step_op(self.pooled, self.state, self.out_p, self.out_d, x, idx, index, p["weight"], p["bias"],
+        n = self.step_fn(self.pooled, self.state, self.out_p, self.out_d, x, idx, index, p["weight"], p["bias"],
                          *self.shared, self.temperature, self.tau)
         if self.tau is None:
             return None, 0

@@ -2,9 +2,10 @@
 
 The kernels are compiled on first use with PyTorch's own extension builder (:func:`torch.utils.cpp_extension.load`,
 the system C++ compiler and ninja) into ``$SKIPNET_CACHE/ops`` (default ``~/.cache/skipnet/ops``), once per
-source text, flags, PyTorch and Python version, and loaded with :func:`torch.ops.load_library`: they register
-themselves as the CPU implementations of the ``skipnet::`` ops. A build takes a minute or less; later
-processes load the cached library.
+source text, flags, PyTorch and Python version, and imported as a Python module: loading it registers the
+kernels as the CPU implementations of the ``skipnet::`` ops, and the module binds the RNN gate step directly
+(:func:`direct_gate_step`, for the eager CPU path of compact inference, where a call through ``torch.ops`` costs
+as much as the step). A build takes a minute or less; later processes load the cached module.
 
 Flags: ``-O3``, warnings on (``-Wall -Wextra``; a test builds the sources with ``-Werror``), no
 floating-point contraction and no ``-march`` (one file suits any machine of the architecture; the merge kernel
@@ -35,14 +36,15 @@ from .._paths import cache_root
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("merge.cpp", "rnn_gate.cpp")
+SOURCES = ("merge.cpp", "rnn_gate.cpp", "python.cpp")
+HEADERS = ("skipnet_ops.h",)
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 BASE_FLAGS = ["-O3", "-Wall", "-Wextra", "-ffp-contract=off", "-fno-trapping-math"]
 # (compile flags, link flags, threaded): the first that builds wins
 ATTEMPTS = [(BASE_FLAGS + ["-fopenmp"], ["-fopenmp"], True), (BASE_FLAGS + ["-DSKIPNET_NO_CLONES"], [], False)]
 
 _lock = threading.Lock()
-_state: dict[str, bool] = {}  # "loaded", "threaded": set once per process
+_state: dict = {}  # "loaded", "threaded", "module": set once per process
 
 
 def load() -> bool:
@@ -53,6 +55,12 @@ def load() -> bool:
                 _state["threaded"] = False
                 _state["loaded"] = _try_build()
     return _state["loaded"]
+
+
+def direct_gate_step():
+    """The RNN gate step's CPU kernel as a plain function (the module's direct binding: no dispatcher, so no
+    dispatch mode, tracer or fallback sees it), or ``None`` where the kernels are not loaded."""
+    return _state["module"].rnn_gate_step if load() else None
 
 
 def threaded() -> bool:
@@ -87,7 +95,7 @@ def _try_build() -> bool:
     errors = []
     for cflags, ldflags, is_threaded in ATTEMPTS:
         try:
-            build_and_load(cflags, ldflags)
+            _state["module"] = build_and_load(cflags, ldflags)
         except Exception as err:  # no OpenMP, no ninja, a read-only cache, a compiler error, ...
             errors.append(f"{' '.join(cflags)}: {type(err).__name__}: {str(err).strip()[-500:]}")
             continue
@@ -98,20 +106,20 @@ def _try_build() -> bool:
     return False
 
 
-def build_and_load(cflags: list[str], ldflags: list[str], directory: Path | None = None) -> Path:
-    """Compile the sources with these flags into ``directory`` (default: the cache), load the library and
-    return its path. Raises where the build fails."""
+def build_and_load(cflags: list[str], ldflags: list[str], directory: Path | None = None):
+    """Compile the sources with these flags into ``directory`` (default: the cache), import the module (which
+    registers the kernels) and return it. Raises where the build fails."""
     sources = [CSRC / name for name in SOURCES]
     key = hashlib.sha256("\0".join(
-        [*(p.read_text() for p in sources), *cflags, *ldflags, torch.__version__, sys.version, sys.platform]
+        [*(p.read_text() for p in sources), *((CSRC / h).read_text() for h in HEADERS), *cflags, *ldflags,
+         torch.__version__, sys.version, sys.platform]
     ).encode()).hexdigest()[:16]
     name = f"skipnet_ops_{key}"
     directory = directory or cache_root() / "ops" / name
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     cpp_extension = _cpp_extension()
-    path = cpp_extension.load(name, [str(p) for p in sources], extra_cflags=cflags, extra_ldflags=ldflags,
-                              build_directory=str(directory), is_python_module=False, verbose=False)
-    return Path(path)
+    return cpp_extension.load(name, [str(p) for p in sources], extra_cflags=cflags, extra_ldflags=ldflags,
+                              build_directory=str(directory), is_python_module=True, verbose=False)
 
 
 def _cpp_extension():
