@@ -81,11 +81,18 @@ def epochs_in_all(run: str | Path) -> float:
     return train_cfg["epochs"] + (epochs_in_all(init) if init else 0.0)
 
 
-def run_stage(recipe: str, run: Path, overrides: list[str], data, log: list[dict]) -> Path:
-    """Train ``recipe`` into ``run`` unless it is complete there; resume it when it was interrupted."""
+def run_stage(recipe: str, run: Path, overrides: list[str], data, log: list[dict],
+              missing: list[str] | None = None) -> Path | None:
+    """Train ``recipe`` into ``run`` unless it is complete there; resume it when it was interrupted. With a
+    ``missing`` list (``--report-only``) nothing is trained: an unfinished run is added to it and ``None``
+    returned."""
     if finished(run):
         print(f"[reuse] {run}", flush=True)
         return run
+    if missing is not None:
+        print(f"[missing] {run}", flush=True)
+        missing.append(run.name)
+        return None
     resume = (run / "checkpoints" / "last.pt").is_file()
     config = load_config(recipe, overrides)  # resume: the checkpoint's config, which must be this one
     print(f"[{'resume' if resume else 'train'}] {recipe} {' '.join(overrides)} -> {run}", flush=True)
@@ -106,6 +113,8 @@ def main() -> int:
     p.add_argument("--runs", default=None, help="folder for the runs (default: runs/tradeoff-<data>)")
     p.add_argument("--out", default=None, help="results folder (default: docs/tradeoff/<data>)")
     p.add_argument("--no-rivals", action="store_true", help="leave out ACT, SACT and SDV (trained or not)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: the table and plot of the runs finished so far, the others listed as missing")
     args = p.parse_args()
     plan = PLANS[args.data]
     runs = Path(args.runs or f"runs/tradeoff-{args.data}")
@@ -116,32 +125,38 @@ def main() -> int:
     sp_cfg = load_config(plan["sp"], root)
     hrl_cfg = load_config(plan["hrl"], root)
     total = sp_cfg.train.epochs + hrl_cfg.train.epochs
-    data = load_data(sp_cfg)
+    data = None if args.report_only else load_data(sp_cfg)
     log: list[dict] = []
+    missing: list[str] | None = [] if args.report_only else None
 
-    sp = run_stage(plan["sp"], runs / "sp", root, data, log)
+    def stage(recipe: str, name: str, overrides: list[str]) -> Path | None:
+        return run_stage(recipe, runs / name, overrides, data, log, missing)
+
+    sp = stage(plan["sp"], "sp", root)
+    if sp is None:
+        raise SystemExit(f"--report-only: the SP run {runs / 'sp'} is not finished; nothing to report")
     init = [f"train.init={sp}"]
-    hrl = [run_stage(plan["hrl"], runs / f"hrl-t{t:g}", root + init + [f"train.target_macs={t}"], data, log)
-           for t in plan["targets"]]
-    seeds = [run_stage(plan["hrl"], runs / f"hrl-t{plan['seeds_at']:g}-seed{s}",
-                       root + init + [f"train.target_macs={plan['seeds_at']}", f"train.seed={s}"], data, log)
-             for s in plan["seeds"]]
-    paper = run_stage(plan["hrl_paper"], runs / "hrl-paper", root + init + plan.get("hrl_paper_overrides", []), data,
-                      log)
-    calibrate = [run_stage(plan["calibrate"], runs / f"calibrate-t{t:g}", root + init + [f"train.target_macs={t}"],
-                           data, log) for t in plan["targets"][:2]]
-    plain = [run_stage(plan["baseline"], runs / f"plain-{name.removeprefix('cifar_')}",
-                       root + [f"model.name={name}", f"train.epochs={total}"], data, log) for name in plan["plain"]]
+    hrl = [stage(plan["hrl"], f"hrl-t{t:g}", root + init + [f"train.target_macs={t}"]) for t in plan["targets"]]
+    seeds = [stage(plan["hrl"], f"hrl-t{plan['seeds_at']:g}-seed{s}",
+                   root + init + [f"train.target_macs={plan['seeds_at']}", f"train.seed={s}"]) for s in plan["seeds"]]
+    paper = stage(plan["hrl_paper"], "hrl-paper", root + init + plan.get("hrl_paper_overrides", []))
+    calibrate = [stage(plan["calibrate"], f"calibrate-t{t:g}", root + init + [f"train.target_macs={t}"])
+                 for t in plan["targets"][:2]]
+    plain = [stage(plan["baseline"], f"plain-{name.removeprefix('cifar_')}",
+                   root + [f"model.name={name}", f"train.epochs={total}"]) for name in plan["plain"]]
     rivals = []
     for method, (recipe, key, values) in ({} if args.no_rivals else plan["rivals"]).items():
         if load_config(recipe, root).train.epochs != total:
             raise ValueError(f"recipe {recipe} trains {load_config(recipe, root).train.epochs:g} epochs, not the "
                              f"SkipNet's {total:g}: the comparison needs the same budget")
-        rivals += [run_stage(recipe, runs / f"{method}-{v:g}", root + [f"train.{key}={v}"], data, log) for v in values]
+        rivals += [stage(recipe, f"{method}-{v:g}", root + [f"train.{key}={v}"]) for v in values]
 
+    hrl_done = [r for r in hrl if r is not None]
+    runs_done = [str(r) for r in hrl + seeds + [paper] + calibrate + rivals if r is not None]
     swept = runs / "sweep"
-    table = make_sweep([str(r) for r in hrl + seeds + [paper] + calibrate + rivals], plain=[str(r) for r in plain],
-                       taus=plan["taus"], sweep=[str(sp), str(hrl[len(hrl) // 2])], random_from=str(sp),
+    table = make_sweep(runs_done, plain=[str(r) for r in plain if r is not None],
+                       taus=plan["taus"], sweep=[str(sp)] + ([str(hrl_done[len(hrl_done) // 2])] if hrl_done else []),
+                       random_from=str(sp),
                        out=swept, overwrite=True, data_root=args.data_root,
                        title=f"{args.data}: {total:g} epochs in all, every series trained by us")
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -157,13 +172,16 @@ def main() -> int:
         f"Every series trained by the same recipe family for {total:g} epochs in all (SkipNet: SP "
         f"{sp_cfg.train.epochs:g} + stage 2 {hrl_cfg.train.epochs:g}), except the SP network itself (its tau "
         f"sweep, and random skipping on its weights): {sp_cfg.train.epochs:g}, and the paper's HRL objective, "
-        f"which runs its own schedule from the SP network ({epochs_in_all(paper):g} epochs in all). HRL targets "
+        "which runs its own schedule from the SP network "
+        f"({f'{epochs_in_all(paper):g} epochs in all' if paper else 'not run yet'}). HRL targets "
         "are on the compute greedy inference spends (the policy's expected MACs during training, then tau fitted "
         "on training images); the MACs in the table are those greedy inference spends on the test set."
         + ("" if args.no_rivals else
            " ACT, SACT (points: ponder cost tau) and SDV (points: skipping rate d) are trained from scratch on the "
            "SkipNet's backbone by the plain ResNets' recipe; their MACs include the halting units, SACT's are counted "
            "per position (its measured time is not in this table).")
+        + (f" **Partial** (`--report-only`): not finished yet, so not in the table: {', '.join(missing)}."
+           if missing else "")
         + "\n\n"
         + (swept / "sweep.md").read_text())
     # the training log: this invocation's runs, and those recorded when the reused ones were trained
