@@ -11,8 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from skipnet.cost import residual_convs, sparse_block_macs
 from skipnet.data import BatchLoader, ImageData
+from skipnet.infer import rivals as compact_rivals
+from skipnet.infer.rivals import run_unit_at
 from skipnet.models import BasicBlock, Bottleneck
-from skipnet.models.act import SpatialHaltingUnit, halting_distribution, run_unit_at
+from skipnet.models.act import SpatialHaltingUnit, halting_distribution
 from skipnet.models.rivals import RivalConfig, create_rival
 from skipnet.reporting import run_label, run_series
 from skipnet.train import load_checkpoint, load_config, load_model, train
@@ -142,11 +144,14 @@ def test_a_unit_run_at_fixed_positions_equals_the_dense_unit_there_and_costs_wha
     assert counter.get_total_flops() / 2 == sparse_block_macs(residual_convs(block), active).sum().item()
 
 
-def test_sact_macs_match_the_flop_counter_on_fixed_ponder_maps_and_compact_equals_dense():
+def test_sact_macs_match_the_flop_counter_on_fixed_ponder_maps_and_compact_equals_dense(monkeypatch):
     torch.manual_seed(0)
     model = _randomise(create_rival("sact", "cifar_resnet20", num_classes=5), seed=3)
     x = torch.randn(2, 3, 8, 8)
-    # fixed ponder maps: each halting unit computes as usual (its MACs are counted) but returns a given map
+    # fixed ponder maps: each halting unit computes as usual (its MACs are counted) but returns a given map;
+    # the compact runner's gathered halting (at the active positions) goes through the same pinned forward
+    gathered = compact_rivals.spatial_halting_at
+    monkeypatch.setattr(compact_rivals, "spatial_halting_at", lambda unit, x, active: unit.forward(x, active))
     g = torch.Generator().manual_seed(4)
     fixed = {}
     for s, stage in enumerate(model.halting):
@@ -154,8 +159,8 @@ def test_sact_macs_match_the_flop_counter_on_fixed_ponder_maps_and_compact_equal
             size = 8 >> s
             fixed[s, k] = torch.tensor([0.0, 0.5, 1.0])[torch.randint(0, 3, (2, size, size), generator=g)]
 
-            def pinned(x, active=None, _orig=unit.forward, _map=fixed[s, k]):
-                h = _orig(x, active)
+            def pinned(x, active=None, _orig=unit.forward, _unit=unit, _map=fixed[s, k]):
+                h = _orig(x) if active is None else gathered(_unit, x, active)
                 m = _map[: x.shape[0]]
                 return h * 0 + (m if active is None else torch.where(active, m, torch.zeros_like(m)))
 

@@ -1,9 +1,12 @@
 """Compact inference: run each gated block only on the images whose gate fired (SPEC §8.1).
 
 :class:`CompactRunner` is the one implementation, on every device: ``model(x, mode, executor="compact")``
-calls it, and so do the benchmarks and the reports. A pass goes stem -> first block -> for each gated block:
-gate, then the block on the images that run it -> head, with the batch's activations in one of two
-bookkeepings:
+calls it, and so do the benchmarks and the reports; the models keep only their masked forward. For a rival
+(:class:`~skipnet.models.rivals.RivalResNet`: ACT, SACT, SDV) it runs the rival's pass,
+:func:`skipnet.infer.rivals.run_rival` (a unit only on the images still running or at the positions still
+active, a block only on the images that keep it), with this module's block routines. For a SkipNet a pass
+goes stem -> first block -> for each gated block: gate, then the block on the images that run it -> head,
+with the batch's activations in one of two bookkeepings:
 
 * **ordered** (when the gates read the whole batch in image order: feed-forward gates, the modes ``sample``
   and ``straight_through``, autograd): a block run by some images gathers them, runs, and scatters the
@@ -36,9 +39,11 @@ from torch import Tensor
 from .. import ops
 from ..models.blocks import ResidualBlock
 from ..models.gates import RNNGateBank
+from ..models.rivals import RivalOutput, RivalResNet
 from ..models.skipnet import SkipNetOutput, SkipResNet
 from .batch import FragmentedBatch, index_tensor, take_rows
 from .gates import ModuleGates, NoGates, RNNGates
+from .rivals import run_rival
 
 _HOST_MODES = ("greedy", "fixed", "all", "none")  # hard decisions without gradient: RNNGates can take them
 
@@ -71,30 +76,38 @@ class RunnerConfig:
 
 
 class CompactRunner:
-    """Compact inference for a :class:`~skipnet.models.SkipResNet` in eval mode (module docstring).
+    """Compact inference for a :class:`~skipnet.models.SkipResNet` or a rival
+    (:class:`~skipnet.models.rivals.RivalResNet`) in eval mode (module docstring).
 
     ``runner(x, mode, tau=, decisions=, temperature=, generator=, explore=)`` takes the arguments of
-    ``model(x, mode, executor="compact", ...)`` and returns the same :class:`~skipnet.models.SkipNetOutput`;
+    ``model(x, mode, executor="compact", ...)`` and returns the same :class:`~skipnet.models.SkipNetOutput`
+    (a rival: ``runner(x)``, SDV also ``decisions=`` and ``generator=``; its :class:`RivalOutput`);
     ``gates=False`` (mode ``fixed`` only) skips the gate computation (probabilities NaN): what the gates' share
     of the latency is measured with. A plain network (no gates) runs every block. Reusable and thread-safe:
     gate buffers are kept per batch size between passes. ``torch.compile`` does not trace into a pass (its
     routing is data-dependent host logic): it runs eagerly there."""
 
-    def __init__(self, model: SkipResNet, config: RunnerConfig | None = None):
+    def __init__(self, model: SkipResNet | RivalResNet, config: RunnerConfig | None = None):
         self.model = model
         self.config = config or RunnerConfig()
         self._free: dict[tuple, list[RNNGates]] = {}
 
     def __call__(self, x: Tensor, mode: str | None = None, *, tau: float = 0.5, decisions: Tensor | None = None,
                  temperature: float = 1.0, generator: torch.Generator | None = None, explore: float = 0.0,
-                 drop_rate: float = 0.0, gates: bool = True) -> SkipNetOutput:
+                 drop_rate: float = 0.0, gates: bool = True) -> SkipNetOutput | RivalOutput:
         if torch.compiler.is_compiling():
             return _eager(self._run)(x, mode, tau, decisions, temperature, generator, explore, drop_rate, gates)
         return self._run(x, mode, tau, decisions, temperature, generator, explore, drop_rate, gates)
 
     def _run(self, x: Tensor, mode: str | None, tau: float, decisions: Tensor | None, temperature: float,
-             generator: torch.Generator | None, explore: float, drop_rate: float, gates: bool) -> SkipNetOutput:
+             generator: torch.Generator | None, explore: float, drop_rate: float,
+             gates: bool) -> SkipNetOutput | RivalOutput:
         model = self.model
+        if isinstance(model, RivalResNet):
+            if mode is not None or (tau, temperature, explore, drop_rate, gates) != (0.5, 1.0, 0.0, 0.0, True):
+                raise ValueError(f"a rival ({model.method!r}) takes no decision mode, threshold, temperature, "
+                                 "exploration, drop rate or gates=False: those are SkipNet's gates' options")
+            return run_rival(self, x, decisions, generator)
         table, mode, fixed = model.prepare(x, mode, executor="compact", tau=tau, decisions=decisions,
                                            temperature=temperature, drop_rate=drop_rate)
         batch = x.shape[0]
@@ -153,7 +166,7 @@ class CompactRunner:
                 change = None  # nothing changed: the next gate reuses the pooled inputs
                 continue
             if ordered:  # gather, run, scatter back: the batch stays in image order
-                x = change = self._run_ordered(block, x, run, n)
+                x = change = self.run_images(block, x, run, n)
                 continue
             if frags is not None and (n == batch or n == 0 or frags.single):
                 x, perm = frags.whole()
@@ -185,7 +198,9 @@ class CompactRunner:
             x, perm = frags.whole()
         return x, perm
 
-    def _run_ordered(self, block: ResidualBlock, x: Tensor, run: np.ndarray | None, n: int) -> Tensor:
+    def run_images(self, block: ResidualBlock, x: Tensor, run: np.ndarray | None, n: int) -> Tensor:
+        """Run ``block`` for the ``n`` images ``run`` (B,) bool on the host (``None`` when n is 0 or B) of ``x``,
+        in image order; the others get the shortcut. ``x`` is consumed (see :meth:`run_rows`)."""
         if n == x.shape[0]:
             return self.run_block(block, x, pool=False)[0]
         if n == 0:
@@ -285,7 +300,7 @@ def _eager(fn):
     return torch.compiler.disable(fn, recursive=True)
 
 
-def compact_runner(model: SkipResNet) -> CompactRunner:
+def compact_runner(model: SkipResNet | RivalResNet) -> CompactRunner:
     """The model's default :class:`CompactRunner` (default settings), kept with the model (not saved with it)."""
     runner = model.__dict__.get("_compact_runner")
     if runner is None:

@@ -28,18 +28,20 @@ Choices, each the authors' (their TensorFlow code, github.com/mfigurnov/sact) wh
   move by their rounding).
 * Training runs every unit on every image (SACT: at every position) and weighs the outputs -- the authors'
   non-early-stopping variant; every parameter gets a gradient at every step (DDP needs it) and BatchNorm
-  sees the whole batch. Inference (``executor='compact'``, eval mode) runs a unit only on the images still
-  running (ACT) or at the positions still active (SACT); both equal the weighted computation
-  (``executor='masked'``) to float tolerance.
+  sees the whole batch. Inference (``executor='compact'``, eval mode) is the compact runner's
+  (:class:`skipnet.infer.CompactRunner`; the passes in :mod:`skipnet.infer.rivals`): it runs a unit only on
+  the images still running (ACT) or at the positions still active (SACT), and equals the weighted computation
+  (``executor='masked'``, this module) to float tolerance. This module keeps what both share: the halting
+  arithmetic, the halting units, the MAC accounting and the assembly of the output.
 
 MACs are counted from the same per-layer table as SkipNet's (:mod:`skipnet.cost`), halting units included:
 ACT per image by the units it ran (:func:`~skipnet.cost.act_macs`); SACT per position
 (:func:`~skipnet.cost.sparse_block_macs`: a unit's last convolution at the active positions, each earlier one
 on the positions the next one reads -- its 3x3 neighbourhood -- the authors' charging; the halting 3x3 conv
 at the positions that ran the unit, the pooled linear once per image). SACT's compact execution gathers
-each convolution's patches at those positions and multiplies them (:func:`run_unit_at`): it computes exactly
-what is charged, which on dense hardware is usually *slower* than the dense convolution -- SACT's saving is
-analytic, and its measured time is reported as it is.
+each convolution's patches at those positions and multiplies them (:func:`skipnet.infer.rivals.run_unit_at`):
+it computes exactly what is charged, which on dense hardware is usually *slower* than the dense convolution --
+SACT's saving is analytic, and its measured time is reported as it is.
 """
 
 from __future__ import annotations
@@ -47,11 +49,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cost import MacTable, act_macs, conv_macs_per_position, dilate_positions, residual_convs, sparse_block_macs
-from .blocks import ResidualBlock
+from ..cost import MacTable, act_macs, conv_macs_per_position, residual_convs, sparse_block_macs
 from .rivals import RivalConfig, RivalOutput, RivalResNet
 
 HALT_BIAS = -3.0  # initial bias of every halting unit (the authors' INIT_BIAS): h ~ 0.047
@@ -64,7 +64,7 @@ class Halting:
     """The halting of one stage, per image (ACT) or per position (SACT): leading shape (...).
 
     ``weights`` (..., L): the halting distribution -- h^l before the halting unit, R at it, 0 after (None
-    from the compact runners, which weigh each unit's output as they go);
+    from the compact passes of :mod:`skipnet.infer.rivals`, which weigh each unit's output as they go);
     ``units`` (...): N, the number of units run (int64, 1-based); ``remainder`` (...): R;
     ``ponder`` (...): N + R, differentiable through R."""
 
@@ -77,7 +77,8 @@ class Halting:
 def halt_step(cum: Tensor, h: Tensor, eps: float, last: bool) -> tuple[Tensor, Tensor, Tensor]:
     """One unit's step: the new running sum ``cum + h``, whether the sum reached 1 - eps (always at the last
     unit), and the unit's weight if it is still running: R = 1 - cum where it halts, else h. The dense and the
-    compact computations share it, so they take the same decisions from the same float operations."""
+    compact computations (:mod:`skipnet.infer.rivals`) share it, so they take the same decisions from the same
+    float operations."""
     c = cum + h
     stop = torch.ones_like(c, dtype=torch.bool) if last else c.detach() >= 1.0 - eps
     return c, stop, torch.where(stop, 1.0 - cum, h)
@@ -129,8 +130,8 @@ class HaltingUnit(nn.Module):
 
 class SpatialHaltingUnit(nn.Module):
     """SACT's halting unit: h = sigmoid(conv3x3(BN(x)) + W BN(pool(x)) + b), one score per position
-    (B, H, W), in float32. ``active`` (B, H, W) bool: compute the 3x3 conv only there (gathered; zeros
-    elsewhere) -- inference, eval mode."""
+    (B, H, W), in float32. (Compact inference computes the 3x3 conv only at the positions still active:
+    :func:`skipnet.infer.rivals.spatial_halting_at`, from the same :meth:`features`.)"""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -140,91 +141,22 @@ class SpatialHaltingUnit(nn.Module):
         self.fc = nn.Linear(channels, 1, bias=False)  # (the bias is the conv's)
         nn.init.constant_(self.conv.bias, HALT_BIAS)
 
-    def forward(self, x: Tensor, active: Tensor | None = None) -> Tensor:
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """What the score is computed from, in float32 (call with autocast off): the map the 3x3 conv reads,
+        BN(x) (B, C, H, W), and the pooled term W BN(pool(x)) (B, 1) added to the conv's output."""
+        x = x.float()
+        return self.local_bn(x), self.fc(self.global_bn(x.mean((2, 3))))
+
+    def forward(self, x: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            x = x.float()
-            glob = self.fc(self.global_bn(x.mean((2, 3))))  # (B, 1)
-            local = self.local_bn(x)
-            if active is None:
-                logit = self.conv(local).squeeze(1) + glob[:, :, None]  # (B, H, W)
-                return torch.sigmoid(logit)
-            where = active.nonzero(as_tuple=True)
-            rows = conv_at(local.permute(0, 2, 3, 1), self.conv, where)  # (n, 1)
-            h = torch.zeros(active.shape, dtype=rows.dtype, device=x.device)
-            h[where] = torch.sigmoid(rows.squeeze(1) + glob[where[0], 0])
-            return h
+            local, glob = self.features(x)
+            return torch.sigmoid(self.conv(local).squeeze(1) + glob[:, :, None])  # (B, H, W)
 
     def macs_per_position(self) -> int:
         return conv_macs_per_position(self.conv)
 
     def macs_per_image(self) -> int:
         return self.fc.in_features * self.fc.out_features
-
-
-# --- sparse (gathered) execution of a residual unit -----------------------------------------------------------------
-
-def conv_at(m: Tensor, conv: nn.Conv2d, where: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """``conv`` (stride 1, 'same') of the map ``m`` (B, H, W, C) -- channels last -- at the positions
-    ``where`` = (b, i, j) index tensors: each position's kernel-sized patch is gathered (zero padding outside
-    the map) and multiplied by the weights. Returns (n, out_channels). Computes n x (MACs per position)."""
-    kh, kw = conv.kernel_size
-    ph, pw = conv.padding  # type: ignore[misc]
-    if conv.groups != 1 or tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1) or \
-            (2 * ph, 2 * pw) != (kh - 1, kw - 1):
-        raise ValueError(f"gathered convolution needs a stride-1, undilated, ungrouped 'same' convolution; got {conv}")
-    b, i, j = where
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (Cout, kh*kw*Cin)
-    if kh == kw == 1:
-        rows = m[b, i, j]  # (n, C)
-    else:
-        batch, height, width, channels = m.shape
-        padded = F.pad(m, (0, 0, pw, pw, ph, ph))  # (B, H + 2ph, W + 2pw, C)
-        hp, wp = height + 2 * ph, width + 2 * pw
-        di = torch.arange(kh, device=m.device).repeat_interleave(kw)
-        dj = torch.arange(kw, device=m.device).repeat(kh)
-        flat = (b * (hp * wp) + i * wp + j).unsqueeze(1) + (di * wp + dj).unsqueeze(0)  # (n, kh*kw)
-        rows = padded.reshape(-1, channels)[flat.reshape(-1)].reshape(b.shape[0], -1)  # (n, kh*kw*C)
-    out = rows @ weight.t().to(rows.dtype)
-    return out if conv.bias is None else out + conv.bias.to(out.dtype)
-
-
-def _bn_affine(bn: nn.BatchNorm2d, rows: Tensor) -> Tensor:
-    """Eval-mode BatchNorm on rows (n, C): its per-channel affine map."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return rows * scale.to(rows.dtype) + (bn.bias - bn.running_mean * scale).to(rows.dtype)
-
-
-def residual_layers(block: ResidualBlock) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
-    """The residual branch as (conv, BN) pairs in order (``conv1``/``bn1``, ``conv2``/``bn2``, ...), a ReLU
-    after each but the last -- the structure of both block types of :mod:`.blocks`."""
-    convs = residual_convs(block)
-    return [(conv, getattr(block, f"bn{k + 1}")) for k, conv in enumerate(convs)]
-
-
-def run_unit_at(block: ResidualBlock, x: Tensor, active: Tensor) -> Tensor:
-    """``block(x)`` at the positions ``active`` (B, H, W) bool and ``x`` elsewhere (a position that halted
-    keeps its value), computing each convolution only where it is needed (:func:`conv_at` on the sets of
-    :func:`~skipnet.cost.sparse_block_macs`). Eval mode (BatchNorm as its affine map); the block must keep
-    the resolution and have the identity shortcut (every unit of a stage but the first)."""
-    if block.training:
-        raise ValueError("run_unit_at is for inference: call model.eval() first")
-    if block.downsample is not None:
-        raise ValueError("run_unit_at runs units with the identity shortcut (not a stage's first unit)")
-    layers = residual_layers(block)
-    sets = [active.bool()]
-    for conv, _ in reversed(layers[1:]):
-        sets.insert(0, dilate_positions(sets[0], conv))
-    m = x.permute(0, 2, 3, 1)  # (B, H, W, C)
-    for k, ((conv, bn), need) in enumerate(zip(layers, sets)):
-        where = need.nonzero(as_tuple=True)
-        rows = _bn_affine(bn, conv_at(m, conv, where))  # (n, Cout)
-        if k == len(layers) - 1:
-            out = x.permute(0, 2, 3, 1).clone()
-            out[where] = block.merge(rows, out[where]).to(out.dtype)
-            return out.permute(0, 3, 1, 2)
-        m = torch.zeros(m.shape[:3] + (conv.out_channels,), dtype=rows.dtype, device=x.device)
-        m[where] = torch.relu(rows)
-    raise ValueError("a residual branch without convolutions")  # pragma: no cover
 
 
 # --- the network ----------------------------------------------------------------------------------------------------
@@ -254,33 +186,38 @@ class ACTResNet(RivalResNet):
 
     def forward(self, x: Tensor, *, executor: str = "masked") -> RivalOutput:
         """Run the network on ``x`` (B, C, H, W). ``executor``: ``masked`` (every unit on the whole batch,
-        outputs weighted by the halting distribution; training) or ``compact`` (eval only: ACT runs a unit
-        only on the images still running, SACT only at the positions still active)."""
+        outputs weighted by the halting distribution; training) or ``compact`` (eval only: the compact runner,
+        :class:`skipnet.infer.CompactRunner` -- ACT runs a unit only on the images still running, SACT only at
+        the positions still active)."""
+        if executor == "compact":
+            from ..infer import compact_runner  # (infer builds on models: imported when first needed)
+
+            return compact_runner(self)(x)
         self.check_input(x, executor)
         table = self.mac_table((x.shape[2], x.shape[3]))
-        compact = executor == "compact"
         x = self._stem(x)  # (B, C0, H', W')
-        units_run, ponders, maps, macs = [], [], [], []
+        halts = []
         for s in range(self.num_stages):
-            if self.spatial:
-                x, halt, stage_macs = (self._sact_compact if compact else self._sact_dense)(s, x, table)
-                ponders.append(halt.ponder.mean((1, 2)))
-                maps.append(halt.ponder.detach())
-                units_run.append(halt.units)
-                macs.append(stage_macs)
-            else:
-                x, halt = (self._act_compact if compact else self._act_dense)(s, x)
-                ponders.append(halt.ponder)
-                units_run.append(halt.units)
-        ponder = torch.stack(ponders, 1).sum(1)  # (B,)
+            x, halt = (self._sact_dense if self.spatial else self._act_dense)(s, x)
+            halts.append(halt)
+        return self._output(x, halts, table)
+
+    def _output(self, x: Tensor, halts: list[Halting], table: MacTable) -> RivalOutput:
+        """The pass's output from the last stage's activations ``x`` and each stage's halting (per image, SACT
+        per position): the masked forward's and the compact runner's alike."""
+        units_run = [halt.units for halt in halts]  # (B,) or (B, H, W) per stage
+        ponder = torch.stack([h.ponder.mean((1, 2)) if self.spatial else h.ponder for h in halts], 1).sum(1)  # (B,)
         decisions = self._decisions(units_run)  # (B, N)
         if self.spatial:
+            macs = [self._sact_stage_macs(s, n, table) for s, n in enumerate(units_run)]
             total = table.stem + table.head + torch.stack(macs, 1).sum(1)
             units = torch.stack([u.float().mean((1, 2)) for u in units_run], 1)  # (B, S)
+            maps = [halt.ponder.detach() for halt in halts]
         else:
             total = act_macs(table, self._halting_macs, decisions)
             units = torch.stack(units_run, 1)
-        return RivalOutput(self._head(x), decisions, total, ponder, units, maps if self.spatial else None)
+            maps = None
+        return RivalOutput(self._head(x), decisions, total, ponder, units, maps)
 
     def _decisions(self, units_run: list[Tensor]) -> Tensor:
         """(B, N): for each of SkipNet's gated blocks, whether it ran (SACT: on what share of the positions).
@@ -311,46 +248,8 @@ class ACTResNet(RivalResNet):
             out = torch.addcmul(out, halt.weights[:, k].view(-1, 1, 1, 1), states[k])
         return out, halt
 
-    def _act_compact(self, s: int, x: Tensor) -> tuple[Tensor, Halting]:
-        """The stage run unit by unit on the images still running (gathered), the output accumulated where
-        each halts. Equal to :meth:`_act_dense` in eval mode."""
-        units, halts = self.stages[s], self.halting[s]
-        batch, steps, eps = x.shape[0], len(units), self.config.halt_eps
-        idx = torch.arange(batch, device=x.device)  # the images still running
-        cum = torch.zeros(batch, dtype=torch.float32, device=x.device)
-        n_run = torch.zeros(batch, dtype=torch.int64, device=x.device)
-        remainder = torch.zeros(batch, dtype=torch.float32, device=x.device)
-        out = None
-        for k, unit in enumerate(units):
-            x = unit(x)  # (n, C, H, W): the running images
-            last = k == steps - 1
-            h = torch.ones(x.shape[0], device=x.device) if last else halts[k](x)
-            whole = idx.shape[0] == batch  # (every image still running: no gathers needed)
-            cum_i = cum if whole else cum[idx]
-            c, stop, w = halt_step(cum_i, h, eps, last)
-            if out is None:
-                out = w.view(-1, 1, 1, 1) * x  # (every image runs the first unit)
-            elif whole:
-                out = torch.addcmul(out, w.view(-1, 1, 1, 1), x)
-            else:
-                out = out.index_add(0, idx, w.view(-1, 1, 1, 1) * x)
-            stopped = int(stop.sum())
-            if whole:
-                cum = c
-            else:
-                cum[idx] = c
-            if stopped:
-                n_run[idx[stop]] = k + 1
-                remainder[idx[stop]] = w[stop]
-            if stopped == idx.shape[0]:
-                break
-            if stopped:
-                keep = ~stop
-                idx, x = idx[keep], x[keep]
-        return out, Halting(None, n_run, remainder, n_run.float() + remainder)
-
     # --- SACT ---
-    def _sact_dense(self, s: int, x: Tensor, table: MacTable) -> tuple[Tensor, Halting, Tensor]:
+    def _sact_dense(self, s: int, x: Tensor) -> tuple[Tensor, Halting]:
         units, halts = self.stages[s], self.halting[s]
         eps = self.config.halt_eps
         x = units[0](x)
@@ -369,38 +268,7 @@ class ACTResNet(RivalResNet):
         out = halt.weights[..., 0].unsqueeze(1) * states[0]
         for k in range(1, len(states)):
             out = torch.addcmul(out, halt.weights[..., k].unsqueeze(1), states[k])
-        return out, halt, self._sact_stage_macs(s, halt.units, table)
-
-    def _sact_compact(self, s: int, x: Tensor, table: MacTable) -> tuple[Tensor, Halting, Tensor]:
-        """The stage run unit by unit at the positions still active (:func:`run_unit_at`), the halting conv
-        likewise. Equal to :meth:`_sact_dense` in eval mode."""
-        units, halts = self.stages[s], self.halting[s]
-        steps, eps = len(units), self.config.halt_eps
-        x = units[0](x)
-        b, _, height, width = x.shape
-        active = torch.ones((b, height, width), dtype=torch.bool, device=x.device)  # ran the current unit
-        cum = torch.zeros((b, height, width), dtype=torch.float32, device=x.device)
-        n_run = torch.zeros((b, height, width), dtype=torch.int64, device=x.device)
-        remainder = torch.zeros_like(cum)
-        out = None
-        for k in range(steps):
-            everywhere = bool(active.all())  # (then the dense unit computes the same, and is charged the same)
-            if k > 0:
-                x = units[k](x) if everywhere else run_unit_at(units[k], x, active)
-            last = k == steps - 1
-            h = torch.ones_like(cum) if last else halts[k](x, None if everywhere else active)
-            c, stop, w = halt_step(cum, h, eps, last)
-            stop = stop & active
-            w = torch.where(active, w, torch.zeros_like(w))
-            out = w.unsqueeze(1) * x if out is None else torch.addcmul(out, w.unsqueeze(1), x)
-            cum = torch.where(active, c, cum)
-            n_run = torch.where(stop, torch.full_like(n_run, k + 1), n_run)
-            remainder = torch.where(stop, w, remainder)
-            active = active & ~stop
-            if not bool(active.any()):
-                break
-        halt = Halting(None, n_run, remainder, n_run.float() + remainder)
-        return out, halt, self._sact_stage_macs(s, n_run, table)
+        return out, halt
 
     def _sact_stage_macs(self, s: int, n_run: Tensor, table: MacTable) -> Tensor:
         """Per-image MACs (B,) of stage ``s`` from its map of units run (B, H, W): the first unit dense,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..cost import MacTable
 from .blocks import ResidualBlock
 from .rivals import RivalConfig, RivalOutput, RivalResNet
 
@@ -35,22 +36,35 @@ class StochasticDepthResNet(RivalResNet):
                 decisions: Tensor | None = None) -> RivalOutput:
         """Run the network on ``x`` (B, C, H, W) with fresh random skips (or the given ``decisions`` (B, N),
         0/1). ``executor``: ``masked`` (every block on the whole batch, outputs chosen per image; training)
-        or ``compact`` (eval only: a block runs only on the images that keep it)."""
+        or ``compact`` (eval only: the compact runner, :class:`skipnet.infer.CompactRunner`, which runs a block
+        only on the images that keep it)."""
+        if executor == "compact":
+            from ..infer import compact_runner  # (infer builds on models: imported when first needed)
+
+            return compact_runner(self)(x, decisions=decisions, generator=generator)
         self.check_input(x, executor)
-        batch = x.shape[0]
         table = self.mac_table((x.shape[2], x.shape[3]))
         x = self._stem(x)
-        if decisions is None:
-            keep = torch.rand((batch, self.num_gates), generator=generator, device=x.device) >= self.config.drop_rate
-        else:
-            keep = torch.as_tensor(decisions, device=x.device)
-            if keep.shape != (batch, self.num_gates) or not bool(((keep == 0) | (keep == 1)).all()):
-                raise ValueError(f"expected decisions of shape ({batch}, {self.num_gates}) with values 0 or 1; "
-                                 f"got shape {tuple(keep.shape)}")
-            keep = keep.bool()
+        keep = self._keep(x.shape[0], x.device, generator, decisions)
         x = self.blocks[0](x)
         for i, block in enumerate(self.blocks[1:]):
-            x = (_run_compact if executor == "compact" else _run_masked)(block, x, keep[:, i])
+            x = _run_masked(block, x, keep[:, i])
+        return self._output(x, keep, table)
+
+    def _keep(self, batch: int, device: torch.device, generator: torch.Generator | None,
+              decisions: Tensor | None) -> Tensor:
+        """(B, N) bool: which images keep each gated block -- drawn (at rate 1 - ``drop_rate``), or the given
+        ``decisions`` checked. The masked forward and the compact runner draw them alike."""
+        if decisions is None:
+            return torch.rand((batch, self.num_gates), generator=generator, device=device) >= self.config.drop_rate
+        keep = torch.as_tensor(decisions, device=device)
+        if keep.shape != (batch, self.num_gates) or not bool(((keep == 0) | (keep == 1)).all()):
+            raise ValueError(f"expected decisions of shape ({batch}, {self.num_gates}) with values 0 or 1; "
+                             f"got shape {tuple(keep.shape)}")
+        return keep.bool()
+
+    def _output(self, x: Tensor, keep: Tensor, table: MacTable) -> RivalOutput:
+        """The pass's output from the last block's activations ``x`` and the decisions ``keep`` (B, N)."""
         dec = keep.float()
         return RivalOutput(self._head(x), dec, table.per_image(dec))
 
@@ -58,19 +72,3 @@ class StochasticDepthResNet(RivalResNet):
 def _run_masked(block: ResidualBlock, x: Tensor, keep: Tensor) -> Tensor:
     s = block.shortcut(x)
     return torch.where(keep.view(-1, 1, 1, 1), block.merge(block.residual(x), s), s)
-
-
-def _run_compact(block: ResidualBlock, x: Tensor, keep: Tensor) -> Tensor:
-    """The block on the images that keep it (gathered), the shortcut on the others."""
-    run = keep.nonzero().squeeze(1)
-    if run.numel() == x.shape[0]:
-        return block(x)
-    if run.numel() == 0:
-        return block.shortcut(x)
-    f = block(x[run])
-    if block.downsample is None:
-        return x.index_copy(0, run, f)
-    rest = (~keep).nonzero().squeeze(1)
-    out = f.new_empty((x.shape[0],) + f.shape[1:])
-    out.index_copy_(0, run, f)
-    return out.index_copy_(0, rest, block.shortcut(x[rest]))
