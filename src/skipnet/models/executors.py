@@ -6,7 +6,7 @@
 * ``compact``: only the images whose gate fired run the residual branch; a block no image needs is not run
   at all. Inference only (eval-mode BatchNorm), equal to ``masked`` to float tolerance. It is not a per-block
   function but a runner over the whole network: :class:`skipnet.infer.CompactRunner`, which
-  ``SkipResNet.forward(..., executor="compact")`` calls.
+  ``SkipResNet.forward(..., executor="compact")`` calls, and the rivals' ``forward`` too (ACT, SACT, SDV).
 """
 
 from __future__ import annotations
