@@ -65,7 +65,7 @@ class RunnerConfig:
 
     copy_cost: float = 0.9
     gate_kernel: bool = True
-    gate_kernel_max_batch: int = 32
+    gate_kernel_max_batch: int = 256
     merge_kernel: bool = True
     merge_kernel_min_numel: int = 1 << 16
 
