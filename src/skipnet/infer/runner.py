@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .. import ops
 from ..models.blocks import ResidualBlock
+from ..models.executors import RUNNER_ATTR
 from ..models.gates import RNNGateBank
 from ..models.rivals import RivalOutput, RivalResNet
 from ..models.skipnet import SkipNetOutput, SkipResNet
@@ -302,7 +303,7 @@ def _eager(fn):
 
 def compact_runner(model: SkipResNet | RivalResNet) -> CompactRunner:
     """The model's default :class:`CompactRunner` (default settings), kept with the model (not saved with it)."""
-    runner = model.__dict__.get("_compact_runner")
+    runner = model.__dict__.get(RUNNER_ATTR)
     if runner is None:
-        runner = model.__dict__["_compact_runner"] = CompactRunner(model)
+        runner = model.__dict__[RUNNER_ATTR] = CompactRunner(model)
     return runner

@@ -18,6 +18,18 @@ from .. import ops
 from .blocks import ResidualBlock
 
 EXECUTORS = ("masked", "compact")
+RUNNER_ATTR = "_compact_runner"  # where skipnet.infer.compact_runner keeps a network's default runner
+
+
+class KeepsCompactRunner:
+    """Mixin of the networks whose ``compact`` executor is :class:`skipnet.infer.CompactRunner` (SkipNet and
+    the rivals): the default runner kept in the instance (``RUNNER_ATTR``) is not copied or pickled with it;
+    a copy builds its own on demand."""
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()  # nn.Module's: a copy of __dict__
+        state.pop(RUNNER_ATTR, None)
+        return state
 
 
 def check_executor(name: str) -> str:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..cost import MacTable, MacTabled
 from .blocks import ResidualBlock
+from .executors import KeepsCompactRunner
 from .registry import from_torchvision, model_config
 from .skipnet import SkipNetConfig, SkipResNet
 
@@ -96,7 +97,7 @@ class RivalOutput:
     log_probs: None = None
 
 
-class RivalResNet(MacTabled, nn.Module):
+class RivalResNet(MacTabled, KeepsCompactRunner, nn.Module):
     """The shared part: the plain ResNet's backbone (adopted, not copied: same modules and parameter names),
     input checks, the MAC table and the head. Subclasses define ``forward``: the masked (training) pass; the
     compact one (inference) is :class:`skipnet.infer.CompactRunner`'s (:mod:`skipnet.infer.rivals`)."""
@@ -139,11 +140,6 @@ class RivalResNet(MacTabled, nn.Module):
             raise ValueError(f"expected {want}; got {got}")
         if x.shape[1] != c.in_channels or min(x.shape[2], x.shape[3]) < self.min_input_size:
             raise ValueError(f"expected {want}; got shape {tuple(x.shape)}")
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()  # nn.Module's: a copy of __dict__
-        state.pop("_compact_runner", None)  # (the cached inference runner, skipnet.infer: rebuilt on demand)
-        return state
 
     def _stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..cost import MacTable, MacTabled
 from .blocks import BasicBlock, Bottleneck, ResidualBlock, projection
 from .decisions import check_mode, decide
-from .executors import check_executor, run_masked
+from .executors import KeepsCompactRunner, check_executor, run_masked
 from .gates import GATE_TYPES, build_gates
 
 IMAGENET_LAYOUTS: dict[int, tuple[type[ResidualBlock], tuple[int, ...]]] = {
@@ -78,7 +78,7 @@ class SkipNetOutput:
     macs: Tensor
 
 
-class SkipResNet(MacTabled, nn.Module):
+class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
     """A ResNet with a gate in front of every block but the first (or none, for the plain network)."""
 
     def __init__(self, config: SkipNetConfig):
@@ -283,11 +283,6 @@ class SkipResNet(MacTabled, nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 return self.gates(x.float(), index, tuple(s.float() for s in state) if state else state)
         return self.gates(x, index, state)
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()  # nn.Module's: a copy of __dict__
-        state.pop("_compact_runner", None)  # (the cached inference runner: rebuilt on demand)
-        return state
 
     def _head(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, classes)

@@ -66,11 +66,9 @@ class RunLock:
             self._fd = None
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
     """Check that ``run_dir`` (locked by the caller) can take a fresh run: an empty folder (``overwrite``
     empties it). A resumed run is checked by :func:`resume_point`."""
-    if resume:
-        return
     contents = [p for p in run_dir.iterdir() if p.name != LOCK]
     if contents:
         if not overwrite:

@@ -354,8 +354,8 @@ def train(config: RunConfig | None, run_dir: str | Path, *, resume: bool = False
     lock = RunLock(run_dir) if rank == 0 else None
     fresh_failed = False
     try:
-        if rank == 0:
-            prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        if rank == 0 and not resume:
+            prepare_run_dir(run_dir, overwrite=overwrite)
         payload = None
         if resume:
             saved, payload = resume_point(run_dir)
