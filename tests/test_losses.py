@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from skipnet.models.decisions import bernoulli_log_prob, decide
 from skipnet.train import hrl_loss, per_gate_returns
-from skipnet.train.hrl import AlphaController, GateBaseline, ThresholdController, needed_shift
+from skipnet.train.hrl import (
+    AlphaController,
+    GateBaseline,
+    GateRateController,
+    ThresholdController,
+    needed_shift,
+    uniform_gate_rate,
+)
 
 LN2, LN43 = math.log(2.0), math.log(4.0 / 3.0)
 
@@ -39,6 +46,59 @@ def test_per_gate_returns_by_hand():
     # weighted skips: image 0 (0, 1, 2) -> future (3, 3, 2); image 1 (3, 0, 0) -> (3, 0, 0)
     expected2 = torch.tensor([[0.3 - LN2 / 2, 0.3 - LN2 / 2, 0.2 - LN2 / 2], [0.3 - LN43 / 2, -LN43 / 2, -LN43 / 2]])
     torch.testing.assert_close(r2, expected2)
+
+
+def test_per_gate_alphas_price_each_gates_skips_by_hand():
+    ce = torch.tensor([LN2, LN43])
+    _, _, g, _ = _case()
+    # N = 3, alphas (0.3, 0.6, -0.3) / 3 = (0.1, 0.2, -0.1) per skip. Image 0 skipped gates 1, 2 -> its skip
+    # rewards (0, 0.2, -0.1), summed from each gate on: (0.1, 0.1, -0.1); image 1 skipped gate 0: (0.1, 0, 0).
+    r = per_gate_returns(ce, g, alpha=torch.tensor([0.3, 0.6, -0.3]), beta=1.0)
+    expected = torch.tensor([[0.1 - LN2, 0.1 - LN2, -0.1 - LN2], [0.1 - LN43, -LN43, -LN43]])
+    torch.testing.assert_close(r, expected)
+    # equal per-gate prices are the one shared alpha
+    torch.testing.assert_close(per_gate_returns(ce, g, alpha=torch.full((3,), 0.3), beta=1.0,
+                                                costs=torch.tensor([3.0, 1.0, 2.0])),
+                               per_gate_returns(ce, g, alpha=0.3, beta=1.0, costs=torch.tensor([3.0, 1.0, 2.0])))
+    with pytest.raises(ValueError, match="one entry per gate"):
+        per_gate_returns(ce, g, alpha=torch.tensor([0.3, 0.6]), beta=1.0)
+    with pytest.raises(ValueError, match="cap"):
+        per_gate_returns(ce, g, alpha=torch.tensor([0.3, 0.6, 0.1]), beta=1.0, cap=0.5)
+
+
+def test_gate_rate_controller_holds_each_gate_at_its_own_rate():
+    c = GateRateController(alpha=0.5, targets=torch.tensor([0.5, 0.5, 1.0]), lr=1.0, alpha_max=2.0, ema=0.0)
+    a = c.update(torch.tensor([0.9, 0.2, 1.0]))
+    # gate 0 runs too often: its skips pay more; gate 1 too rarely: they pay less, and below zero (an equality
+    # constraint: the price of a skip can turn into a cost); gate 2 is at its target: unchanged
+    torch.testing.assert_close(a, torch.tensor([0.9, 0.2, 0.5], dtype=torch.float64))
+    for _ in range(5):
+        a = c.update(torch.tensor([1.0, 0.0, 1.0]))
+    torch.testing.assert_close(a, torch.tensor([2.0, -2.0, 0.5], dtype=torch.float64))  # clipped at +-alpha_max
+    restored = GateRateController(0.0, torch.tensor([0.5, 0.5, 1.0]), 1.0, 2.0, 0.0)
+    restored.load_state_dict(c.state_dict())
+    torch.testing.assert_close(restored.alpha, c.alpha)
+    torch.testing.assert_close(restored.update(torch.tensor([0.5, 0.5, 1.0])), c.update(torch.tensor([0.5, 0.5, 1.0])))
+    ramp = GateRateController(0.0, torch.tensor([0.5, 0.8]), lr=1.0, alpha_max=9.0, ema=0.0, ramp_steps=2)
+    ramp.update(torch.tensor([0.9, 0.6]))  # each gate's ramp starts at its own first rate, or at its target
+    torch.testing.assert_close(ramp.target_now(), torch.tensor([0.7, 0.8], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        GateRateController(0.0, torch.tensor([0.5, 1.5]), 1.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="expected 2 gate rates"):
+        ramp.update(torch.tensor([0.5, 0.5, 0.5]))
+
+
+def test_uniform_gate_rate_spends_the_target_macs():
+    from skipnet.cost import build_mac_table
+    from skipnet.models import create_model
+
+    table = build_mac_table(create_model("cifar_resnet20", gate="rnn"), (32, 32))
+    for target in (0.5, 0.65, 0.9):
+        rate = uniform_gate_rate(table, target)
+        spent = float(table.per_image(torch.full((1, table.num_gates), rate, dtype=torch.float64))[0])
+        assert spent == pytest.approx(target * table.plain, rel=1e-9)
+    with pytest.raises(ValueError, match="out of reach"):
+        uniform_gate_rate(table, 0.05)
 
 
 @pytest.mark.parametrize("reduction,rl_weight", [("sum", 0.01), ("mean", 1.28), ("mean", 0.5)])

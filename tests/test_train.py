@@ -109,8 +109,10 @@ def _metric_lines(run: Path) -> list[dict]:
     ("hrl", {"target_macs": 0.5, "baseline": "greedy", "explore": 0.1, "entropy": 0.05, "budget_ramp": True,
              "budget": "greedy", "schedule": "cosine", "gate_optimizer": "adam", "gate_lr": 0.01,
              "rl_reduction": "mean", "rl_weight": 1.0}),
+    ("hrl", {"target_macs": 0.6, "budget": "per_gate", "baseline": "greedy", "explore": 0.1, "budget_ramp": True,
+             "gate_optimizer": "adam", "gate_lr": 0.01, "rl_reduction": "mean", "rl_weight": 1.0}),
     ("sdv", {"drop_rate": 0.3}),  # the rival random skipping: its draws, a function of (seed, step)
-], ids=["sp", "sp-drop", "baseline", "calibrate", "hrl-ema", "hrl-greedy-explore", "sdv"])
+], ids=["sp", "sp-drop", "baseline", "calibrate", "hrl-ema", "hrl-greedy-explore", "hrl-per-gate", "sdv"])
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, sp_run, stage, extra):
     if stage in ("hrl", "calibrate"):
         extra = {**extra, "init": str(sp_run)}
@@ -122,7 +124,10 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, sp_run, stage, extra):
     _assert_same_weights(tmp_path / "straight", tmp_path / "split")
     a, b = (load_checkpoint(tmp_path / r)["stage"] for r in ("straight", "split"))
     _assert_same_state(a, b)
-    if stage == "hrl":  # the stage carried something across the resume
+    if stage == "hrl" and extra.get("budget") == "per_gate":  # one price and one measured rate per gate
+        assert len(a["controller"]["alpha"]) == 2 and a["controller"]["alpha"] != pytest.approx([0.1, 0.1])
+        assert a["controller"]["rate"] is not None and a["controller"]["steps"] == 6
+    elif stage == "hrl":  # the stage carried something across the resume
         assert a["controller"]["alpha"] != pytest.approx(0.1) and a["controller"]["cost"] is not None
     if stage == "calibrate":
         assert a["threshold"]["steps"] == 6 and a["threshold"]["offset"] != 0
@@ -160,6 +165,26 @@ def test_hrl_dual_ascent_holds_the_expected_compute_at_the_target(tmp_path, fitt
     assert max(held) < target + 0.15 and min(held) > 0.6  # held there, not overshot to skipping everything
     alpha = load_checkpoint(tmp_path / "hrl")["stage"]["controller"]["alpha"]
     assert alpha == pytest.approx(steps[-1]["alpha"]) and alpha > start_alpha + 0.15  # raised, as it had to be
+
+
+def test_hrl_per_gate_budget_holds_every_gate_at_its_own_rate(tmp_path, fitted_sp_run):
+    # From the same fitted SP network, the two gates of cifar_resnet8 are held at different execution rates:
+    # the first at 0.4, the second at 0.8 -- neither a rate a shared alpha reaches (it closes the cheaper-to-lose
+    # second block first, and for every image alike). The target-rate loss pulls each gate's mean probability
+    # to its rate; the per-gate prices remove what is left (REINFORCE on -CE alone favours running blocks).
+    # Fails if the rates are pooled, a sign is flipped, or the per-gate prices do not reach the returns.
+    targets = (0.4, 0.8)
+    cfg = _config("hrl", epochs=40, init=str(fitted_sp_run), lr=0.0, budget="per_gate",
+                  gate_targets=",".join(map(str, targets)), rate_loss=10.0, alpha=0.0, alpha_lr=0.1,
+                  budget_ramp=True, target_ramp=0.25, gate_lr=0.05, gate_optimizer="adam", baseline="greedy",
+                  explore=0.1, rl_weight=1.0, rl_reduction="mean", freeze_bn=True, checkpoint_every=1000)
+    train(cfg, tmp_path / "hrl", data=DATA, progress=False)
+    steps = _metric_lines(tmp_path / "hrl")
+    assert steps[0]["gate_rates"][0] > 0.9 and steps[-1]["gate_rate_targets"] == [0.4, 0.8]
+    held = torch.tensor([r["gate_rates"] for r in steps[-40:]]).mean(0)
+    torch.testing.assert_close(held, torch.tensor(targets), atol=0.06, rtol=0)
+    alphas = load_checkpoint(tmp_path / "hrl")["stage"]["controller"]["alpha"]
+    assert alphas == pytest.approx(steps[-1]["gate_alphas"], abs=1e-4) and alphas[0] > alphas[1]
 
 
 def test_calibrate_brings_greedy_compute_to_the_target(tmp_path, sp_run):

@@ -110,7 +110,14 @@ class TrainSection:
     target_macs: float | None = None  # HRL: the policy's expected MACs as a fraction of the plain network,
     # held by dual ascent on alpha (ours; None: alpha fixed, the paper). calibrate: greedy MACs to reach
     budget: str = "expected"  # HRL: the cost the dual ascent holds at target_macs: expected (the policy's
-    # expected MACs) | greedy (the MACs of the greedy path, what inference spends; needs baseline greedy)
+    # expected MACs) | greedy (the MACs of the greedy path, what inference spends; needs baseline greedy) |
+    # per_gate (ours, after ConvNet-AIG: every gate's expected execution rate held at its own target, one alpha
+    # per gate, so that each gate must choose which images run its block; targets from gate_targets, or the
+    # one rate at every gate that spends target_macs)
+    gate_targets: tuple[float, ...] = ()  # budget per_gate: one execution rate per gate (empty: from target_macs)
+    rate_loss: float = 0.0  # budget per_gate: weight of ConvNet-AIG's target-rate loss on the gates,
+    # mean_j (mean_b p_bj - t_j)^2 -- the gates' probabilities pulled to their rates directly (no dual lag);
+    # REINFORCE still decides which images run each block
     alpha_lr: float = 0.05  # dual ascent: alpha += alpha_lr * (smoothed expected fraction - target) per step
     alpha_max: float = 10.0
     cost_ema: float = 0.9  # smoothing of the measured cost fed to the controller
@@ -156,8 +163,22 @@ class TrainSection:
             raise ValueError("stage 'calibrate' moves the threshold to target_macs: set it")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing lies in [0, 1); got {self.label_smoothing}")
-        if self.budget not in ("expected", "greedy"):
-            raise ValueError(f"budget must be 'expected' or 'greedy'; got {self.budget!r}")
+        if self.budget not in ("expected", "greedy", "per_gate"):
+            raise ValueError(f"budget must be 'expected', 'greedy' or 'per_gate'; got {self.budget!r}")
+        if self.budget == "per_gate" and self.stage == "hrl" and self.target_macs is None and not self.gate_targets:
+            raise ValueError("budget 'per_gate' holds each gate at a target rate: set target_macs (one rate at "
+                             "every gate) or gate_targets (one per gate)")
+        if self.gate_targets and self.budget != "per_gate":
+            raise ValueError("gate_targets are the per-gate rates of budget 'per_gate': set train.budget=per_gate")
+        if any(not 0.0 <= t <= 1.0 for t in self.gate_targets):
+            raise ValueError(f"gate_targets are execution rates in [0, 1]; got {list(self.gate_targets)}")
+        if not 0.0 <= self.rate_loss < float("inf"):
+            raise ValueError(f"rate_loss is a finite weight >= 0; got {self.rate_loss}")
+        if self.rate_loss and self.budget != "per_gate":
+            raise ValueError("rate_loss pulls each gate to its target rate of budget 'per_gate': set "
+                             "train.budget=per_gate")
+        if self.budget == "per_gate" and self.skip_cap is not None:
+            raise ValueError("skip_cap bounds one shared skip reward; budget 'per_gate' prices each gate itself")
         if self.budget == "greedy" and self.baseline != "greedy":
             raise ValueError("budget 'greedy' measures the greedy path of baseline 'greedy': set both")
         if not 0.0 <= self.entropy < float("inf"):

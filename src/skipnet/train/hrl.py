@@ -5,6 +5,8 @@
   cost measurement).
 * :class:`ThresholdController` steers the gates' common logit offset so that the measured cost follows a
   schedule down to a target (the straight-through compute-target mode: no reward, no multiplier).
+* :class:`GateRateController` holds each gate's expected execution rate at its own target (one multiplier per
+  gate; ours, after ConvNet-AIG's per-layer target rates).
 * :class:`GateBaseline` is a per-gate moving average of the returns, subtracted from them (variance
   reduction; the paper uses none).
 """
@@ -56,6 +58,64 @@ class AlphaController:
     def load_state_dict(self, state: dict) -> None:
         self.alpha, self.cost = float(state["alpha"]), state["cost"]
         self.start, self.steps = state.get("start"), int(state.get("steps", 0))
+
+
+class GateRateController:
+    """Per-gate dual ascent (ours; ConvNet-AIG's per-layer target rates, held by multipliers instead of a squared
+    penalty): one price ``alpha[j]`` per gate, ``alpha[j] <- clip(alpha[j] + lr * (ema_rate[j] - target[j]),
+    -alpha_max, alpha_max)`` after every step, where ``rate[j]`` is the policy's expected execution rate of gate
+    j (the mean probability over the batch). Each gate is held at its own rate, so no gate can settle at
+    "always" or "never" unless its target says so: the gate must choose *which* images run its block. A negative
+    price makes skipping cost reward (the constraint is an equality). With ``ramp_steps`` > 0 each target falls
+    linearly from the gate's first measured rate (or stays, if already below) over that many steps."""
+
+    def __init__(self, alpha: float, targets: Tensor, lr: float, alpha_max: float, ema: float,
+                 ramp_steps: int = 0):
+        targets = torch.as_tensor(targets, dtype=torch.float64).flatten()
+        if targets.numel() == 0 or not bool(((targets >= 0) & (targets <= 1)).all()):
+            raise ValueError(f"per-gate target rates are execution probabilities in [0, 1]; got {targets.tolist()}")
+        self.target, self.lr, self.alpha_max, self.ema = targets, lr, alpha_max, ema
+        self.alpha = torch.full_like(targets, float(alpha))
+        self.ramp_steps = max(int(ramp_steps), 0)
+        self.rate: Tensor | None = None
+        self.start: Tensor | None = None
+        self.steps = 0
+
+    def target_now(self) -> Tensor:
+        return ramped(self.target, self.start, self.steps, self.ramp_steps)
+
+    def update(self, rates: Tensor) -> Tensor:
+        rates = rates.detach().double().cpu().flatten()
+        if rates.shape != self.target.shape:
+            raise ValueError(f"expected {self.target.numel()} gate rates; got {rates.numel()}")
+        self.rate = rates if self.rate is None else self.ema * self.rate + (1 - self.ema) * rates
+        if self.start is None:
+            self.start = torch.maximum(rates, self.target)
+        self.alpha = (self.alpha + self.lr * (self.rate - self.target_now())).clamp(-self.alpha_max, self.alpha_max)
+        self.steps += 1
+        return self.alpha
+
+    def state_dict(self) -> dict:
+        return {"alpha": self.alpha.tolist(), "rate": None if self.rate is None else self.rate.tolist(),
+                "start": None if self.start is None else self.start.tolist(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        as_t = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        self.alpha, self.rate, self.start = as_t(state["alpha"]), as_t(state["rate"]), as_t(state["start"])
+        self.steps = int(state["steps"])
+
+
+def uniform_gate_rate(table, target_macs: float) -> float:
+    """The one execution rate r that, at every gate, makes the expected MACs ``target_macs`` of the plain
+    network (``table``: a :class:`~skipnet.cost.MacTable`; the gates' own cost counts, as everywhere)."""
+    n = table.num_gates
+    base = float(table.per_image(torch.zeros(1, n, dtype=torch.float64))[0])
+    full = float(table.per_image(torch.ones(1, n, dtype=torch.float64))[0])
+    rate = (target_macs * float(table.plain) - base) / (full - base)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"target_macs {target_macs} is out of reach of the gated blocks: for this network it "
+                         f"must lie in [{base / table.plain:.3f}, {full / table.plain:.3f}]")
+    return rate
 
 
 def needed_shift(logits: Tensor, saved: Tensor, budget: float) -> float:

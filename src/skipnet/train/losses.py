@@ -33,7 +33,9 @@ def per_gate_returns(
     """Returns r (B, N): ``-beta * ce[:, None] + alpha * min(reverse_cumsum((1 - g) * C) / N, cap)``.
 
     ``ce``: per-image loss (B,), treated as a constant; ``decisions``: the sampled g (B, N);
-    ``costs``: C_j (N,), all ones (the paper) when None. ``cap`` (None: the paper) bounds the skip reward
+    ``costs``: C_j (N,), all ones (the paper) when None. ``alpha``: one weight (the paper), or one per gate
+    (N,), alpha_j pricing gate j's skips: ``reverse_cumsum(alpha * (1 - g) * C) / N`` (per-gate budgets, ours).
+    ``cap`` (None: the paper) bounds the skip reward
     an image can earn: skipping beyond ``cap`` (a fraction of the N blocks' cost) earns nothing more, so the
     policy has no reason to collapse past a compute budget."""
     if decisions.dim() != 2 or ce.shape != decisions.shape[:1]:
@@ -42,11 +44,18 @@ def per_gate_returns(
     skipped = 1.0 - decisions.detach()
     if costs is not None:
         skipped = skipped * costs.to(skipped)
+    per_gate = isinstance(alpha, Tensor) and alpha.dim() == 1
+    if per_gate:  # one weight per gate (per-gate budgets): each skip is paid at its own gate's price
+        if alpha.shape != (n,):
+            raise ValueError(f"per-gate alpha must have one entry per gate ({n}); got {tuple(alpha.shape)}")
+        if cap is not None:
+            raise ValueError("cap bounds one shared skip reward; it does not apply to per-gate alphas")
+        skipped = skipped * alpha.detach().to(skipped)
     # sum_{j >= i}: reverse cumulative sum along the gate axis
     future = skipped.flip(1).cumsum(1).flip(1) / n
     if cap is not None:
         future = future.clamp(max=cap)
-    return -beta * ce.detach().unsqueeze(1) + alpha * future
+    return -beta * ce.detach().unsqueeze(1) + (future if per_gate else alpha * future)
 
 
 @dataclass

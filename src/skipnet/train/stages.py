@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..cost import MacTable
 from ..models import SkipResNet
-from .hrl import AlphaController, GateBaseline, ThresholdController
+from .hrl import AlphaController, GateBaseline, GateRateController, ThresholdController, uniform_gate_rate
 from .losses import hrl_loss, per_gate_returns, ponder_loss
 
 
@@ -173,8 +173,17 @@ class ReinforceStage(Stage):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.cfg
-        self.controller = AlphaController(cfg.alpha, cfg.target_macs, cfg.alpha_lr, cfg.alpha_max, cfg.cost_ema,
-                                          round(cfg.target_ramp * self.total_steps) if cfg.budget_ramp else 0)
+        ramp = round(cfg.target_ramp * self.total_steps) if cfg.budget_ramp else 0
+        if cfg.budget == "per_gate":
+            n = self.table.num_gates
+            targets = list(cfg.gate_targets) or [uniform_gate_rate(self.table, cfg.target_macs)] * n
+            if len(targets) != n:
+                raise ValueError(f"gate_targets has {len(targets)} rates; this network has {n} gates")
+            self.controller = GateRateController(cfg.alpha, torch.tensor(targets), cfg.alpha_lr, cfg.alpha_max,
+                                                 cfg.cost_ema, ramp)
+        else:
+            self.controller = AlphaController(cfg.alpha, cfg.target_macs, cfg.alpha_lr, cfg.alpha_max,
+                                              cfg.cost_ema, ramp)
         self.baseline = GateBaseline(cfg.baseline_momentum) if cfg.baseline == "ema" else None
         self.costs = block_costs(self.table, cfg.cost).to(self.device)
 
@@ -200,7 +209,7 @@ class ReinforceStage(Stage):
     def loss(self, net, x, y, generator):
         cfg = self.cfg
         out = net(x, "sample", explore=cfg.explore, generator=generator)
-        alpha = self.controller.alpha
+        alpha = self.alpha()
         baseline, greedy_macs = None, None
         if cfg.baseline == "greedy":
             baseline, greedy_macs = self.greedy_returns(x, y, alpha)
@@ -215,6 +224,9 @@ class ReinforceStage(Stage):
         if cfg.entropy:  # a bonus on the policy's entropy (mean over images and gates) keeps gates from saturating
             p = out.probs.float().clamp(1e-6, 1 - 1e-6)
             total = total - cfg.entropy * -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+        if cfg.rate_loss:  # ConvNet-AIG's target-rate loss: each gate's mean probability pulled to its rate
+            targets = self.controller.target_now().to(device=out.probs.device, dtype=torch.float32)
+            total = total + cfg.rate_loss * (out.probs.float().mean(0) - targets).square().mean()
         if self.baseline is not None:
             self.baseline.update(loss.returns)
         stats = self._stats(out, y, total)
@@ -225,18 +237,33 @@ class ReinforceStage(Stage):
         stats["expected_macs"] = (self.table.per_image(out.probs.detach().float()).mean() / self.dense).detach()
         if greedy_macs is not None:
             stats["greedy_macs"] = (greedy_macs.double().mean() / self.dense).detach()
+        if cfg.budget == "per_gate":  # each gate's expected execution rate (the mean of p over the batch)
+            stats["gate_rates"] = out.probs.detach().float().mean(0)
         return total, stats
 
+    def alpha(self) -> float | Tensor:
+        """The compute reward weight: one number, or one per gate (budget per_gate) on the step's device."""
+        a = self.controller.alpha
+        return a.to(device=self.device, dtype=torch.float32) if isinstance(a, Tensor) else a
+
     def after_step(self, stats):
-        cost = all_mean(stats[f"{self.cfg.budget}_macs"].clone(), self.world)
         if self.baseline is not None and self.baseline.value is not None:
             all_mean(self.baseline.value, self.world)
+        if self.cfg.budget == "per_gate":  # popped: the loop's window sums scalars
+            self.controller.update(all_mean(stats.pop("gate_rates").clone(), self.world))
+            return
+        cost = all_mean(stats[f"{self.cfg.budget}_macs"].clone(), self.world)
         self.controller.update(float(cost))
 
     def log_fields(self):
-        fields = {"alpha": self.controller.alpha}
-        if self.controller.target is not None:
-            fields["target_mac_fraction"] = self.controller.target_now()
+        c = self.controller
+        if isinstance(c, GateRateController):
+            return {"alpha": float(c.alpha.mean()), "gate_alphas": [round(float(a), 4) for a in c.alpha],
+                    "gate_rates": None if c.rate is None else [round(float(r), 4) for r in c.rate],
+                    "gate_rate_targets": [round(float(t), 4) for t in c.target_now()]}
+        fields = {"alpha": c.alpha}
+        if c.target is not None:
+            fields["target_mac_fraction"] = c.target_now()
         return fields
 
     def state_dict(self):
