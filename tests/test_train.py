@@ -187,6 +187,29 @@ def test_hrl_per_gate_budget_holds_every_gate_at_its_own_rate(tmp_path, fitted_s
     assert alphas == pytest.approx(steps[-1]["gate_alphas"], abs=1e-4) and alphas[0] > alphas[1]
 
 
+def test_rate_loss_under_the_shared_budget_turns_static_gates_into_routing_ones(tmp_path, fitted_sp_run):
+    # One shared alpha holding the expected MACs at 0.75 settles on a static policy here: the first block for
+    # every image, the second for almost none. ConvNet-AIG's target-rate loss pulls both gates to the one rate
+    # that spends the same MACs, so each must split the images; the budget still holds. Fails if the loss does
+    # not reach the gates, pulls to another rate, or breaks the budget.
+    from skipnet.cost import build_mac_table
+    from skipnet.train.hrl import uniform_gate_rate
+
+    target, rates = 0.75, {}
+    for weight in (0.0, 10.0):
+        cfg = _config("hrl", epochs=30, init=str(fitted_sp_run), lr=0.0, target_macs=target, alpha=0.3,
+                      alpha_lr=0.05, gate_lr=0.05, gate_optimizer="adam", baseline="greedy", explore=0.1,
+                      rl_weight=1.0, rl_reduction="mean", freeze_bn=True, checkpoint_every=1000, rate_loss=weight)
+        train(cfg, tmp_path / f"hrl{weight:g}", data=DATA, progress=False)
+        steps = _metric_lines(tmp_path / f"hrl{weight:g}")
+        assert sum(r["expected_mac_fraction"] for r in steps[-40:]) / 40 == pytest.approx(target, abs=0.05)
+        rates[weight] = steps[-1]["gate_rates"]
+    assert max(rates[0.0]) > 0.97 and min(rates[0.0]) < 0.1  # static without it
+    model = load_model(fitted_sp_run)
+    common = uniform_gate_rate(build_mac_table(model, (12, 12)), target)
+    assert rates[10.0] == pytest.approx([common, common], abs=0.1)
+
+
 def test_calibrate_brings_greedy_compute_to_the_target(tmp_path, sp_run):
     target = 0.5
     # lr 0.01: with BatchNorm frozen at the SP statistics, 0.05 can diverge on this toy once blocks are skipped
@@ -357,6 +380,16 @@ def test_overrides_are_typed_and_checked():
         load_config(None, ["model.num_classes=2.5"])
     with pytest.raises(ValueError, match="device must be auto, cpu, cuda"):
         load_config(None, ["train.device=tpu"])
+    with pytest.raises(ValueError, match="budget 'per_gate' holds each gate"):
+        load_config("fashion_mnist_hrl", ["train.budget=per_gate", "train.target_macs=none"])
+    with pytest.raises(ValueError, match="set train.budget=per_gate"):
+        load_config("fashion_mnist_hrl", ["train.gate_targets=[0.5,0.5]"])
+    with pytest.raises(ValueError, match="gate_targets are execution rates"):
+        load_config("fashion_mnist_hrl", ["train.budget=per_gate", "train.gate_targets=[0.5,1.5]"])
+    with pytest.raises(ValueError, match="rate_loss pulls each gate"):
+        load_config("fashion_mnist_hrl", ["train.rate_loss=1", "train.target_macs=none"])
+    cfg = load_config("fashion_mnist_hrl", ["train.budget=per_gate", "train.gate_targets=0.5,0.75"])
+    assert cfg.train.gate_targets == (0.5, 0.75)
 
 
 def test_lr_schedules():

@@ -115,9 +115,10 @@ class TrainSection:
     # per gate, so that each gate must choose which images run its block; targets from gate_targets, or the
     # one rate at every gate that spends target_macs)
     gate_targets: tuple[float, ...] = ()  # budget per_gate: one execution rate per gate (empty: from target_macs)
-    rate_loss: float = 0.0  # budget per_gate: weight of ConvNet-AIG's target-rate loss on the gates,
+    rate_loss: float = 0.0  # HRL: weight of ConvNet-AIG's target-rate loss on the gates (ours here),
     # mean_j (mean_b p_bj - t_j)^2 -- the gates' probabilities pulled to their rates directly (no dual lag);
-    # REINFORCE still decides which images run each block
+    # REINFORCE still decides which images run each block. t_j: budget per_gate's targets; otherwise the one rate
+    # at every gate that spends the current target_macs (a pull away from static "always/never" gates)
     alpha_lr: float = 0.05  # dual ascent: alpha += alpha_lr * (smoothed expected fraction - target) per step
     alpha_max: float = 10.0
     cost_ema: float = 0.9  # smoothing of the measured cost fed to the controller
@@ -174,9 +175,9 @@ class TrainSection:
             raise ValueError(f"gate_targets are execution rates in [0, 1]; got {list(self.gate_targets)}")
         if not 0.0 <= self.rate_loss < float("inf"):
             raise ValueError(f"rate_loss is a finite weight >= 0; got {self.rate_loss}")
-        if self.rate_loss and self.budget != "per_gate":
-            raise ValueError("rate_loss pulls each gate to its target rate of budget 'per_gate': set "
-                             "train.budget=per_gate")
+        if self.rate_loss and self.stage == "hrl" and self.target_macs is None and not self.gate_targets:
+            raise ValueError("rate_loss pulls each gate to a target rate: set target_macs (one rate at every "
+                             "gate) or gate_targets (budget per_gate)")
         if self.budget == "per_gate" and self.skip_cap is not None:
             raise ValueError("skip_cap bounds one shared skip reward; budget 'per_gate' prices each gate itself")
         if self.budget == "greedy" and self.baseline != "greedy":

@@ -186,6 +186,7 @@ class ReinforceStage(Stage):
                                               cfg.cost_ema, ramp)
         self.baseline = GateBaseline(cfg.baseline_momentum) if cfg.baseline == "ema" else None
         self.costs = block_costs(self.table, cfg.cost).to(self.device)
+        self.rates: Tensor | None = None  # smoothed per-gate expected execution rates, for the metric lines
 
     def greedy_returns(self, x: Tensor, y: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
         """The returns (B, N) of each image's greedy path (threshold ``tau``, eval mode, no gradient) and its
@@ -225,8 +226,7 @@ class ReinforceStage(Stage):
             p = out.probs.float().clamp(1e-6, 1 - 1e-6)
             total = total - cfg.entropy * -(p * p.log() + (1 - p) * (1 - p).log()).mean()
         if cfg.rate_loss:  # ConvNet-AIG's target-rate loss: each gate's mean probability pulled to its rate
-            targets = self.controller.target_now().to(device=out.probs.device, dtype=torch.float32)
-            total = total + cfg.rate_loss * (out.probs.float().mean(0) - targets).square().mean()
+            total = total + cfg.rate_loss * (out.probs.float().mean(0) - self.rate_targets()).square().mean()
         if self.baseline is not None:
             self.baseline.update(loss.returns)
         stats = self._stats(out, y, total)
@@ -237,9 +237,19 @@ class ReinforceStage(Stage):
         stats["expected_macs"] = (self.table.per_image(out.probs.detach().float()).mean() / self.dense).detach()
         if greedy_macs is not None:
             stats["greedy_macs"] = (greedy_macs.double().mean() / self.dense).detach()
-        if cfg.budget == "per_gate":  # each gate's expected execution rate (the mean of p over the batch)
-            stats["gate_rates"] = out.probs.detach().float().mean(0)
+        stats["gate_rates"] = out.probs.detach().float().mean(0)  # each gate's expected execution rate
         return total, stats
+
+    def rate_targets(self) -> Tensor:
+        """The execution rate each gate's target-rate loss pulls to now (N,): the per-gate budget's own targets,
+        or, under the shared budget, the one rate at every gate that spends its current target."""
+        c = self.controller
+        if isinstance(c, GateRateController):
+            t = c.target_now()
+        else:
+            target = c.target_now()
+            t = torch.full((self.table.num_gates,), uniform_gate_rate(self.table, target))
+        return t.to(device=self.device, dtype=torch.float32)
 
     def alpha(self) -> float | Tensor:
         """The compute reward weight: one number, or one per gate (budget per_gate) on the step's device."""
@@ -249,29 +259,35 @@ class ReinforceStage(Stage):
     def after_step(self, stats):
         if self.baseline is not None and self.baseline.value is not None:
             all_mean(self.baseline.value, self.world)
-        if self.cfg.budget == "per_gate":  # popped: the loop's window sums scalars
-            self.controller.update(all_mean(stats.pop("gate_rates").clone(), self.world))
+        rates = all_mean(stats.pop("gate_rates").clone(), self.world).double().cpu()  # popped: the window sums scalars
+        self.rates = rates if self.rates is None else self.cfg.cost_ema * self.rates + (1 - self.cfg.cost_ema) * rates
+        if self.cfg.budget == "per_gate":
+            self.controller.update(rates)
             return
         cost = all_mean(stats[f"{self.cfg.budget}_macs"].clone(), self.world)
         self.controller.update(float(cost))
 
     def log_fields(self):
         c = self.controller
+        # each gate's expected execution rate (smoothed as the controller's cost): a gate at 0 or 1 is static
+        fields = {"gate_rates": None if self.rates is None else [round(float(r), 4) for r in self.rates]}
         if isinstance(c, GateRateController):
-            return {"alpha": float(c.alpha.mean()), "gate_alphas": [round(float(a), 4) for a in c.alpha],
-                    "gate_rates": None if c.rate is None else [round(float(r), 4) for r in c.rate],
+            return {**fields, "alpha": float(c.alpha.mean()), "gate_alphas": [round(float(a), 4) for a in c.alpha],
                     "gate_rate_targets": [round(float(t), 4) for t in c.target_now()]}
-        fields = {"alpha": c.alpha}
+        fields["alpha"] = c.alpha
         if c.target is not None:
             fields["target_mac_fraction"] = c.target_now()
         return fields
 
     def state_dict(self):
         return {"controller": self.controller.state_dict(),
-                "baseline": None if self.baseline is None else self.baseline.state_dict()}
+                "baseline": None if self.baseline is None else self.baseline.state_dict(),
+                "rates": None if self.rates is None else self.rates.tolist()}
 
     def load_state_dict(self, state):
         self.controller.load_state_dict(state["controller"])
+        rates = state.get("rates")
+        self.rates = None if rates is None else torch.tensor(rates, dtype=torch.float64)
         if self.baseline is not None:
             self.baseline.load_state_dict(state["baseline"], self.device)
 
