@@ -95,7 +95,8 @@ def test_demo_runs_end_to_end(fmnist_root, tmp_path, monkeypatch):
                        progress=False, echo=lines.append)
     text = "\n".join(lines)
     for needle in ("SkipNet test accuracy", "every block executed", "reduction", "Per-block execution rate",
-                   "Random skipping, same per-block rates", "Plain ResNet reference", "REINFORCE",
+                   "Random skipping, same per-block rates", "same rates, own weights", "Plain ResNet reference",
+                   "REINFORCE",
                    "Compact vs dense at batch   1", "Compact vs dense at batch 256", "Report:"):
         assert needle in text
     assert (tmp_path / "demo" / "report" / "report.md").exists()

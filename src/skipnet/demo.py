@@ -65,6 +65,8 @@ def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_
     full = evaluate(model, test, mode="all", progress=progress)
     # the paper's random-skipping baseline: the SP weights, each block run at the SkipNet's rate, per image
     rand = random_skipping(load_model(out / "sp"), test, skip["exec_rates"], progress=progress)
+    # the same rates on the HRL network's own weights: what choosing blocks per image adds over fixed rates
+    own = random_skipping(model, test, skip["exec_rates"], progress=progress)
     total_epochs = sp.train.epochs + hrl.train.epochs
     summary: dict[str, Any] = {
         "model": f"{hrl.model.name} ({hrl.model.gate} gates)",
@@ -75,6 +77,7 @@ def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_
         "sp_accuracy": sp_result["accuracy"],
         "random_skipping_accuracy": rand["accuracy"],
         "random_skipping_macs": rand["macs_per_image"],
+        "own_random_skipping_accuracy": own["accuracy"],
         "macs_per_image": skip["macs_per_image"],
         "dense_macs_per_image": skip["dense_macs_per_image"],
         "mac_reduction": skip["mac_reduction"],
@@ -152,6 +155,8 @@ def format_summary(s: dict[str, Any]) -> list[str]:
         f"Random skipping, same per-block rates:  {s['random_skipping_accuracy']:.2f}% at "
         f"{s['random_skipping_macs'] / 1e6:.2f}M  (difference "
         f"{s['skipnet_accuracy'] - s['random_skipping_accuracy']:+.2f} points; SP weights, measured here)",
+        f"Random skipping, same rates, own weights: {s['own_random_skipping_accuracy']:.2f}%  (difference "
+        f"{s['skipnet_accuracy'] - s['own_random_skipping_accuracy']:+.2f} points: what routing per image adds)",
         ref_line,
         f"Authors' block fraction:                {s['block_fraction']:.1f}%",
         "Per-block execution rate (block 0 always runs):",
