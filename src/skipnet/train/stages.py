@@ -160,12 +160,14 @@ class ReinforceStage(Stage):
     moving average; or ``greedy``: the same returns computed on the image's greedy path, a self-critical
     baseline); alpha fixed (the paper) or held by dual ascent so that the policy's *expected* MACs (``budget``
     expected) or the greedy path's measured MACs (``budget`` greedy, with the greedy baseline) meet
-    ``target_macs``; optionally an ``entropy`` bonus (computed from probabilities clamped to [1e-6, 1 - 1e-6]:
-    no gradient beyond |logit| ~ 13.8) keeps the gate probabilities graded (so that the
-    inference threshold tau trades accuracy for compute). Under DDP a batch-summed REINFORCE term is scaled by
-    the world size, so that the all-reduced gradient equals one process's on the joined batch (as
-    cross-entropy's mean does). The gates read the backbone's features, so the REINFORCE and entropy terms
-    reach the backbone through the gate inputs too (as in the paper)."""
+    ``target_macs``, or one price per gate (``budget`` per_gate) holding each gate's expected execution rate at
+    its own target; optionally ConvNet-AIG's target-rate loss (``rate_loss``) on the gates' mean probabilities,
+    which keeps gates from settling at always/never; optionally an ``entropy`` bonus (computed from
+    probabilities clamped to [1e-6, 1 - 1e-6]: no gradient beyond |logit| ~ 13.8) keeps the gate probabilities
+    graded (so that the inference threshold tau trades accuracy for compute). Under DDP a batch-summed
+    REINFORCE term is scaled by the world size, so that the all-reduced gradient equals one process's on the
+    joined batch (as cross-entropy's mean does). The gates read the backbone's features, so the REINFORCE,
+    rate and entropy terms reach the backbone through the gate inputs too (as in the paper)."""
 
     name = "reinforce"
     draws_random = True
