@@ -118,7 +118,8 @@ class TrainSection:
     rate_loss: float = 0.0  # HRL: weight of ConvNet-AIG's target-rate loss on the gates (ours here),
     # mean_j (mean_b p_bj - t_j)^2 -- the gates' probabilities pulled to their rates directly (no dual lag);
     # REINFORCE still decides which images run each block. t_j: budget per_gate's targets; otherwise the one rate
-    # at every gate that spends the current target_macs (a pull away from static "always/never" gates)
+    # at every gate that spends the current target_macs (a pull away from static "always/never" gates); no
+    # target (alpha fixed, the paper's setting): no effect
     alpha_lr: float = 0.05  # dual ascent: alpha += alpha_lr * (smoothed expected fraction - target) per step
     alpha_max: float = 10.0
     cost_ema: float = 0.9  # smoothing of the measured cost fed to the controller
@@ -175,9 +176,6 @@ class TrainSection:
             raise ValueError(f"gate_targets are execution rates in [0, 1]; got {list(self.gate_targets)}")
         if not 0.0 <= self.rate_loss < float("inf"):
             raise ValueError(f"rate_loss is a finite weight >= 0; got {self.rate_loss}")
-        if self.rate_loss and self.stage == "hrl" and self.target_macs is None and not self.gate_targets:
-            raise ValueError("rate_loss pulls each gate to a target rate: set target_macs (one rate at every "
-                             "gate) or gate_targets (budget per_gate)")
         if self.budget == "per_gate" and self.skip_cap is not None:
             raise ValueError("skip_cap bounds one shared skip reward; budget 'per_gate' prices each gate itself")
         if self.budget == "greedy" and self.baseline != "greedy":

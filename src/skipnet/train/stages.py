@@ -189,6 +189,7 @@ class ReinforceStage(Stage):
         self.baseline = GateBaseline(cfg.baseline_momentum) if cfg.baseline == "ema" else None
         self.costs = block_costs(self.table, cfg.cost).to(self.device)
         self.rates: Tensor | None = None  # smoothed per-gate expected execution rates, for the metric lines
+        self.has_rate_targets = cfg.budget == "per_gate" or cfg.target_macs is not None  # else rate_loss: no effect
 
     def greedy_returns(self, x: Tensor, y: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
         """The returns (B, N) of each image's greedy path (threshold ``tau``, eval mode, no gradient) and its
@@ -227,7 +228,7 @@ class ReinforceStage(Stage):
         if cfg.entropy:  # a bonus on the policy's entropy (mean over images and gates) keeps gates from saturating
             p = out.probs.float().clamp(1e-6, 1 - 1e-6)
             total = total - cfg.entropy * -(p * p.log() + (1 - p) * (1 - p).log()).mean()
-        if cfg.rate_loss:  # ConvNet-AIG's target-rate loss: each gate's mean probability pulled to its rate
+        if cfg.rate_loss and self.has_rate_targets:  # ConvNet-AIG's target-rate loss: each gate's mean probability pulled to its rate
             total = total + cfg.rate_loss * (out.probs.float().mean(0) - self.rate_targets()).square().mean()
         if self.baseline is not None:
             self.baseline.update(loss.returns)
