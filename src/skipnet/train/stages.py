@@ -228,7 +228,7 @@ class ReinforceStage(Stage):
         if cfg.entropy:  # a bonus on the policy's entropy (mean over images and gates) keeps gates from saturating
             p = out.probs.float().clamp(1e-6, 1 - 1e-6)
             total = total - cfg.entropy * -(p * p.log() + (1 - p) * (1 - p).log()).mean()
-        if cfg.rate_loss and self.has_rate_targets:  # ConvNet-AIG's target-rate loss: each gate's mean probability pulled to its rate
+        if cfg.rate_loss and self.has_rate_targets:  # ConvNet-AIG's target-rate loss: mean p pulled to the rates
             total = total + cfg.rate_loss * (out.probs.float().mean(0) - self.rate_targets()).square().mean()
         if self.baseline is not None:
             self.baseline.update(loss.returns)
