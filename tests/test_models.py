@@ -139,6 +139,18 @@ def test_decision_modes_values():
     samples = torch.stack([decide(torch.full((1000,), 1.0), "sample")[0] for _ in range(5)])
     assert abs(samples.mean().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.02
 
+    # gumbel: hard samples of Bernoulli(p) forward (reproducible from the generator), the gradient of the
+    # relaxed sample sigmoid(logit + noise) backward: positive, and at most p(1-p)'s peak 1/4
+    many = torch.tensor([-2.0, 0.0, 1.0]).repeat_interleave(20000).requires_grad_()
+    g, lp = decide(many, "gumbel", generator=torch.Generator().manual_seed(3))
+    assert lp is None and set(g.unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(g.view(3, -1).mean(1), torch.sigmoid(torch.tensor([-2.0, 0.0, 1.0])), atol=0.01,
+                               rtol=0)
+    again, _ = decide(many, "gumbel", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(g, again)
+    g.sum().backward()
+    assert (many.grad > 0).all() and (many.grad <= 0.25).all()
+
 
 def test_threshold_trades_compute():
     torch.manual_seed(0)

@@ -100,6 +100,7 @@ def _metric_lines(run: Path) -> list[dict]:
 @pytest.mark.parametrize("stage,extra", [
     ("sp", {}),
     ("sp", {"drop_rate": 0.3}),  # random skips: a function of (seed, step)
+    ("sp", {"sp_decisions": "gumbel", "rate_loss": 2.0, "target_macs": 0.7}),  # sampled decisions likewise
     ("baseline", {}),
     ("calibrate", {"target_macs": 0.5, "threshold_gain": 0.5, "freeze_bn": True}),
     ("hrl", {"target_macs": 0.5, "baseline": "ema", "gate_optimizer": "adam", "gate_lr": 0.01, "cost": "macs",
@@ -112,7 +113,7 @@ def _metric_lines(run: Path) -> list[dict]:
     ("hrl", {"target_macs": 0.6, "budget": "per_gate", "baseline": "greedy", "explore": 0.1, "budget_ramp": True,
              "gate_optimizer": "adam", "gate_lr": 0.01, "rl_reduction": "mean", "rl_weight": 1.0}),
     ("sdv", {"drop_rate": 0.3}),  # the rival random skipping: its draws, a function of (seed, step)
-], ids=["sp", "sp-drop", "baseline", "calibrate", "hrl-ema", "hrl-greedy-explore", "hrl-per-gate", "sdv"])
+], ids=["sp", "sp-drop", "sp-gumbel", "baseline", "calibrate", "hrl-ema", "hrl-greedy-explore", "hrl-per-gate", "sdv"])
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, sp_run, stage, extra):
     if stage in ("hrl", "calibrate"):
         extra = {**extra, "init": str(sp_run)}
@@ -208,6 +209,29 @@ def test_rate_loss_under_the_shared_budget_turns_static_gates_into_routing_ones(
     model = load_model(fitted_sp_run)
     common = uniform_gate_rate(build_mac_table(model, (12, 12)), target)
     assert rates[10.0] == pytest.approx([common, common], abs=0.1)
+
+
+def test_sp_with_sampled_gates_and_the_rate_loss_trains_routed_paths_at_the_target(tmp_path):
+    # SP's own variant (ours, after ConvNet-AIG): decisions sampled from Bernoulli(p) with a straight-through
+    # relaxed gradient, and each gate's mean probability pulled to the one rate that spends target_macs. From
+    # scratch the straight-through SP opens every gate (CE alone favours running blocks); with the rate loss
+    # both gates must settle near the common rate and the sampled paths spend about the target. Fails if the
+    # loss does not reach the gates, pulls to another rate, or the decisions are not sampled from p.
+    from skipnet.cost import build_mac_table
+    from skipnet.train.hrl import uniform_gate_rate
+
+    target = 0.7
+    cfg = _config("sp", epochs=30, sp_decisions="gumbel", rate_loss=10.0, target_macs=target,
+                  checkpoint_every=1000, gate_lr=0.05)
+    train(cfg, tmp_path / "aig", data=DATA, progress=False)
+    steps = _metric_lines(tmp_path / "aig")
+    common = uniform_gate_rate(build_mac_table(load_model(tmp_path / "aig"), (12, 12)), target)
+    assert 0.3 < common < 0.7
+    assert sum(r["exec_rate"] for r in steps[-40:]) / 40 == pytest.approx(common, abs=0.08)
+    assert sum(r["mac_fraction"] for r in steps[-40:]) / 40 == pytest.approx(target, abs=0.06)
+    plain = _config("sp", epochs=30, checkpoint_every=1000, gate_lr=0.05)
+    train(plain, tmp_path / "st", data=DATA, progress=False)
+    assert sum(r["exec_rate"] for r in _metric_lines(tmp_path / "st")[-40:]) / 40 > common + 0.15
 
 
 def test_calibrate_brings_greedy_compute_to_the_target(tmp_path, sp_run):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MODES = ("straight_through", "soft", "sample", "greedy", "all", "none", "fixed")
+MODES = ("straight_through", "gumbel", "soft", "sample", "greedy", "all", "none", "fixed")
 
 
 def check_mode(mode: str) -> str:
@@ -36,6 +36,9 @@ def decide(
     given in ``sample`` mode (the log-probability of the sampled decision, differentiable w.r.t. the logits).
 
     * ``straight_through``: forward 1[p >= 0.5], gradient of p (``hard - p.detach() + p``);
+    * ``gumbel`` (ours here, after ConvNet-AIG's training): forward g ~ Bernoulli(p) drawn as
+      1[logit + L >= 0] with L logistic noise, gradient of the relaxed sigmoid(logit + L) (straight-through
+      Gumbel-sigmoid at temperature 1): decisions sampled in training, trained by backpropagation;
     * ``soft``: g = p;
     * ``sample``: g ~ Bernoulli(p), no gradient through g; with ``explore`` = eps > 0, g ~ Bernoulli(p') with
       p' = (1 - eps) p + eps / 2 (bounded exploration: no gate's probability of either choice falls below
@@ -47,6 +50,11 @@ def decide(
         p = torch.sigmoid(logits)
         hard = (logits >= 0).to(p.dtype)
         return hard - p.detach() + p, None
+    if mode == "gumbel":
+        u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-6, 1 - 1e-6)
+        noisy = logits + (torch.log(u) - torch.log1p(-u)).to(logits.dtype)  # logit + Logistic(0, 1)
+        relaxed = torch.sigmoid(noisy)
+        return (noisy >= 0).to(relaxed.dtype) - relaxed.detach() + relaxed, None
     if mode == "soft":
         return torch.sigmoid(logits), None
     if mode == "sample":

@@ -202,8 +202,10 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
         fixed = self._check_fixed(decisions, x.shape[0], x.device) if mode == "fixed" else None
         if temperature <= 0:
             raise ValueError(f"temperature must be positive; got {temperature}")
-        if drop_rate and (mode != "straight_through" or not self.training or not 0.0 < drop_rate < 1.0):
-            raise ValueError(f"drop_rate goes with training in mode 'straight_through' and lies in [0, 1); got "
+        if drop_rate and (mode not in ("straight_through", "gumbel") or not self.training
+                          or not 0.0 < drop_rate < 1.0):
+            raise ValueError(f"drop_rate goes with training in mode 'straight_through' or 'gumbel' and lies in "
+                             f"[0, 1); got "
                              f"{drop_rate} with mode {mode!r}{'' if self.training else ' in eval mode'}")
         if mode == "greedy" and not 0.0 <= tau <= 1.0:
             raise ValueError(f"greedy threshold tau must lie in [0, 1], got {tau}")
@@ -230,7 +232,7 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
         ``compact`` (eval only: :class:`skipnet.infer.CompactRunner`, which runs each block only on the images
         whose gate fired). ``tau``: the greedy threshold. ``temperature`` divides the gate logits (HRL's
         policy sharpening). A plain network ignores the mode.
-        ``drop_rate`` (training, ``straight_through`` only): each image also skips each gated block with this
+        ``drop_rate`` (training, ``straight_through`` or ``gumbel``): each image also skips each gated block with this
         probability whatever its gate says (stochastic depth on the gated blocks, drawn from ``generator``),
         so that the network learns to work without any one block; ``decisions`` then include those skips.
         ``explore`` (mode ``sample``): bounded exploration, see :func:`~skipnet.models.decisions.decide`.

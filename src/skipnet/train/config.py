@@ -88,6 +88,10 @@ class TrainSection:
     # so that the network works without any one block before a compute target asks it to skip some (the
     # baseline stage, a plain network, ignores it). sdv: the rate of random skipping, in training and inference
     # (stored with the model)
+    sp_decisions: str = "straight_through"  # SP: the gates' decisions in training: straight_through (the paper:
+    # 1[p >= 0.5], gradient of p) | gumbel (ours, after ConvNet-AIG: sampled from Bernoulli(p), gradient of the
+    # relaxed sample; with rate_loss and target_macs, each gate's mean p is pulled to the rate that spends the
+    # target, so the network is trained on routed paths from the start)
     ponder_cost: float = 0.01  # act/sact: tau, the weight of the ponder cost (N + R summed over stages) in the
     # loss; the authors' CIFAR-10 models use 0.01 (their code's README), ImageNet 0.005
     # --- HRL (SPEC §5) ---
@@ -115,7 +119,7 @@ class TrainSection:
     # per gate, so that each gate must choose which images run its block; targets from gate_targets, or the
     # one rate at every gate that spends target_macs)
     gate_targets: tuple[float, ...] = ()  # budget per_gate: one execution rate per gate (empty: from target_macs)
-    rate_loss: float = 0.0  # HRL: weight of ConvNet-AIG's target-rate loss on the gates (ours here),
+    rate_loss: float = 0.0  # HRL (and SP): weight of ConvNet-AIG's target-rate loss on the gates (ours here),
     # mean_j (mean_b p_bj - t_j)^2 -- the gates' probabilities pulled to their rates directly (no dual lag);
     # REINFORCE still decides which images run each block. t_j: budget per_gate's targets; otherwise the one rate
     # at every gate that spends the current target_macs (a pull away from static "always/never" gates); no
@@ -174,6 +178,10 @@ class TrainSection:
             raise ValueError("gate_targets are the per-gate rates of budget 'per_gate': set train.budget=per_gate")
         if any(not 0.0 <= t <= 1.0 for t in self.gate_targets):
             raise ValueError(f"gate_targets are execution rates in [0, 1]; got {list(self.gate_targets)}")
+        if self.sp_decisions not in ("straight_through", "gumbel"):
+            raise ValueError(f"sp_decisions must be 'straight_through' or 'gumbel'; got {self.sp_decisions!r}")
+        if self.sp_decisions != "straight_through" and self.stage != "sp":
+            raise ValueError(f"sp_decisions is how the sp stage decides; stage {self.stage!r} has its own")
         if not 0.0 <= self.rate_loss < float("inf"):
             raise ValueError(f"rate_loss is a finite weight >= 0; got {self.rate_loss}")
         if self.budget == "per_gate" and self.skip_cap is not None:

@@ -141,14 +141,22 @@ class SupervisedStage(Stage):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.draws_random = self.cfg.stage == "sp" and self.cfg.drop_rate > 0
+        cfg = self.cfg
+        self.draws_random = cfg.stage == "sp" and (cfg.drop_rate > 0 or cfg.sp_decisions == "gumbel")
+        self.rate = None  # SP's target-rate loss: the one execution rate at every gate that spends target_macs
+        if cfg.stage == "sp" and cfg.rate_loss and cfg.target_macs is not None:
+            self.rate = uniform_gate_rate(self.table, cfg.target_macs)
 
     def loss(self, net, x, y, generator):
-        if self.cfg.stage == "sp":
-            out = net(x, "straight_through", drop_rate=self.cfg.drop_rate, generator=generator)
-        else:
+        cfg = self.cfg
+        if cfg.stage != "sp":
             out = net(x)
+            total = self._ce(out.logits, y)
+            return total, self._stats(out, y, total)
+        out = net(x, cfg.sp_decisions, drop_rate=cfg.drop_rate, generator=generator)
         total = self._ce(out.logits, y)
+        if self.rate is not None:  # ConvNet-AIG's target-rate loss on each gate's mean probability
+            total = total + cfg.rate_loss * (out.probs.float().mean(0) - self.rate).square().mean()
         return total, self._stats(out, y, total)
 
 
