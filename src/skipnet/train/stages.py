@@ -271,10 +271,11 @@ class ReinforceStage(Stage):
         if self.baseline is not None and self.baseline.value is not None:
             all_mean(self.baseline.value, self.world)
         rates = all_mean(stats.pop("gate_rates").clone(), self.world).double().cpu()  # popped: the window sums scalars
-        self.rates = rates if self.rates is None else self.cfg.cost_ema * self.rates + (1 - self.cfg.cost_ema) * rates
-        if self.cfg.budget == "per_gate":
+        if self.cfg.budget == "per_gate":  # the controller smooths the rates it holds: log those
             self.controller.update(rates)
+            self.rates = self.controller.rate
             return
+        self.rates = rates if self.rates is None else self.cfg.cost_ema * self.rates + (1 - self.cfg.cost_ema) * rates
         cost = all_mean(stats[f"{self.cfg.budget}_macs"].clone(), self.world)
         self.controller.update(float(cost))
 
