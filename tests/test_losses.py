@@ -18,6 +18,7 @@ from skipnet.train.hrl import (
     needed_shift,
     uniform_gate_rate,
 )
+from skipnet.train.losses import target_rate_loss
 
 LN2, LN43 = math.log(2.0), math.log(4.0 / 3.0)
 
@@ -86,6 +87,17 @@ def test_gate_rate_controller_holds_each_gate_at_its_own_rate():
         GateRateController(0.0, torch.tensor([0.5, 1.5]), 1.0, 1.0, 0.0)
     with pytest.raises(ValueError, match="expected 2 gate rates"):
         ramp.update(torch.tensor([0.5, 0.5, 0.5]))
+
+
+def test_target_rate_loss_by_hand():
+    # gate 0's mean probability over the batch is 0.6 against a target of 0.5, gate 1's 0.2 against 0.5:
+    # ((0.1)^2 + (0.3)^2) / 2 = 0.05; the gradient reaches every probability, d/dp_{b,j} = (mean_j - t_j) / B
+    probs = torch.tensor([[0.8, 0.1], [0.4, 0.3]], requires_grad=True)
+    loss = target_rate_loss(probs, torch.tensor([0.5, 0.5]))
+    assert loss.item() == pytest.approx(0.05)
+    loss.backward()
+    torch.testing.assert_close(probs.grad, torch.tensor([[0.05, -0.15], [0.05, -0.15]]))
+    assert target_rate_loss(probs.detach(), 0.5).item() == pytest.approx(0.05)  # one target for every gate
 
 
 def test_uniform_gate_rate_spends_the_target_macs():

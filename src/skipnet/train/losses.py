@@ -9,6 +9,8 @@
 
   (CE_b detached, no discount), optionally minus a per-gate baseline. Each image's returns multiply that
   image's own log-probabilities; the batch reduction of the REINFORCE term is explicit.
+* :func:`target_rate_loss` -- ConvNet-AIG's target-rate loss (ours here, in SP and HRL): each gate's mean
+  probability over the batch pulled to its target execution rate, mean_j (mean_b p_{b,j} - t_j)^2.
 * :func:`ponder_loss` -- ACT / SACT (the rivals, SPEC §10): cross-entropy plus tau times the ponder cost.
 """
 
@@ -24,6 +26,12 @@ REDUCTIONS = ("mean", "sum")
 
 def sp_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels)
+
+
+def target_rate_loss(probs: Tensor, targets: Tensor | float) -> Tensor:
+    """mean_j (mean_b p_{b,j} - t_j)^2 for gate probabilities ``probs`` (B, N) and targets (N,) or one number,
+    computed in float32."""
+    return (probs.float().mean(0) - targets).square().mean()
 
 
 def per_gate_returns(

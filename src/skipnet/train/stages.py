@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..cost import MacTable
 from ..models import SkipResNet
 from .hrl import AlphaController, GateBaseline, GateRateController, ThresholdController, uniform_gate_rate
-from .losses import hrl_loss, per_gate_returns, ponder_loss
+from .losses import hrl_loss, per_gate_returns, ponder_loss, target_rate_loss
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -149,14 +149,13 @@ class SupervisedStage(Stage):
 
     def loss(self, net, x, y, generator):
         cfg = self.cfg
-        if cfg.stage != "sp":
+        if cfg.stage == "sp":
+            out = net(x, cfg.sp_decisions, drop_rate=cfg.drop_rate, generator=generator)
+        else:
             out = net(x)
-            total = self._ce(out.logits, y)
-            return total, self._stats(out, y, total)
-        out = net(x, cfg.sp_decisions, drop_rate=cfg.drop_rate, generator=generator)
         total = self._ce(out.logits, y)
-        if self.rate is not None:  # ConvNet-AIG's target-rate loss on each gate's mean probability
-            total = total + cfg.rate_loss * (out.probs.float().mean(0) - self.rate).square().mean()
+        if self.rate is not None:  # (sp only) ConvNet-AIG's target-rate loss on each gate's mean probability
+            total = total + cfg.rate_loss * target_rate_loss(out.probs, self.rate)
         return total, self._stats(out, y, total)
 
 
@@ -237,7 +236,7 @@ class ReinforceStage(Stage):
             p = out.probs.float().clamp(1e-6, 1 - 1e-6)
             total = total - cfg.entropy * -(p * p.log() + (1 - p) * (1 - p).log()).mean()
         if cfg.rate_loss and self.has_rate_targets:  # ConvNet-AIG's target-rate loss: mean p pulled to the rates
-            total = total + cfg.rate_loss * (out.probs.float().mean(0) - self.rate_targets()).square().mean()
+            total = total + cfg.rate_loss * target_rate_loss(out.probs, self.rate_targets())
         if self.baseline is not None:
             self.baseline.update(loss.returns)
         stats = self._stats(out, y, total)
