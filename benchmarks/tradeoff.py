@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from skipnet.reporting import make_sweep
+from skipnet.reporting import carry_recorded, make_sweep, plot_table, sweep_markdown
 from skipnet.train import load_checkpoint, load_config, train
 from skipnet.train.trainer import load_data
 
@@ -132,10 +131,8 @@ def main() -> int:
     def stage(recipe: str, name: str, overrides: list[str]) -> Path | None:
         return run_stage(recipe, runs / name, overrides, data, log, missing)
 
-    sp = stage(plan["sp"], "sp", root)
-    if sp is None:
-        raise SystemExit(f"--report-only: the SP run {runs / 'sp'} is not finished; nothing to report")
-    init = [f"train.init={sp}"]
+    sp = stage(plan["sp"], "sp", root)  # None only under --report-only: then the stages from it are missing too
+    init = [f"train.init={runs / 'sp'}"]
     hrl = [stage(plan["hrl"], f"hrl-t{t:g}", root + init + [f"train.target_macs={t}"]) for t in plan["targets"]]
     seeds = [stage(plan["hrl"], f"hrl-t{plan['seeds_at']:g}-seed{s}",
                    root + init + [f"train.target_macs={plan['seeds_at']}", f"train.seed={s}"]) for s in plan["seeds"]]
@@ -153,19 +150,27 @@ def main() -> int:
 
     hrl_done = [r for r in hrl if r is not None]
     runs_done = [str(r) for r in hrl + seeds + [paper] + calibrate + rivals if r is not None]
-    swept = runs / "sweep"
-    table = make_sweep(runs_done, plain=[str(r) for r in plain if r is not None],
-                       taus=plan["taus"], sweep=[str(sp)] + ([str(hrl_done[len(hrl_done) // 2])] if hrl_done else []),
-                       random_from=str(sp),
-                       out=swept, overwrite=True, data_root=args.data_root,
-                       title=f"{args.data}: {total:g} epochs in all, every series trained by us")
+    plain_done = [str(r) for r in plain if r is not None]
+    title = f"{args.data}: {total:g} epochs in all, every series trained by us"
+    table = make_sweep(runs_done, plain=plain_done,
+                       taus=plan["taus"], sweep=[str(r) for r in [sp] + hrl_done[len(hrl_done) // 2:][:1] if r],
+                       random_from=str(sp) if sp else None,
+                       out=runs / "sweep", overwrite=True, data_root=args.data_root,
+                       title=title) if runs_done or plain_done else []
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     machine = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
     for row in table:  # each row's training epochs in all: a stage from the SP run adds the SP run's
         row.update(epochs=epochs_in_all(row["run"]), date=date)
+    # rows of the last report whose runs were not measured now (their folders on another machine) stay, dated
+    recorded = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else []
+    table = carry_recorded(table, recorded)
+    carried = sorted({Path(r["run"]).name for r in table if r.get("carried")})
+    missing = [name for name in missing if name not in carried] if missing else missing
+    if not table:
+        raise SystemExit(f"nothing to report: no finished run in {runs} and no earlier report in {out}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(table, indent=2))
-    shutil.copy(swept / "tradeoff.png", out / "tradeoff.png")
+    plot_table(table, out / "tradeoff.png", title=title)
     command = "python benchmarks/tradeoff.py " + " ".join(sys.argv[1:])
     (out / "sweep.md").write_text(
         f"Command: `{command}` -- {date}, {machine}, {time.perf_counter() - start:.0f} s in all.\n"
@@ -180,10 +185,11 @@ def main() -> int:
            " ACT, SACT (points: ponder cost tau) and SDV (points: skipping rate d) are trained from scratch on the "
            "SkipNet's backbone by the plain ResNets' recipe; their MACs include the halting units, SACT's are counted "
            "per position (its measured time is not in this table).")
+        + (f" Carried from the earlier report (each row says when it was measured; the run folders are not "
+           f"on this machine): {', '.join(carried)}." if carried else "")
         + (f" **Partial** (`--report-only`): not finished yet, so not in the table: {', '.join(missing)}."
            if missing else "")
-        + "\n\n"
-        + (swept / "sweep.md").read_text())
+        + "\n\n" + sweep_markdown(table) + "\n\n![trade-off](tradeoff.png)\n")
     # the training log: this invocation's runs, and those recorded when the reused ones were trained
     trained = {entry["run"] for entry in log}
     earlier = json.loads((out / "runs.json").read_text()) if (out / "runs.json").is_file() else []

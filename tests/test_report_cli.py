@@ -10,6 +10,7 @@ import torch
 from skipnet import create_model
 from skipnet.cli import main
 from skipnet.demo import run_demo
+from skipnet.reporting import carry_recorded, plot_table, sweep_markdown
 from skipnet.train import save_checkpoint
 
 from .test_train import _write_idx
@@ -86,6 +87,26 @@ def test_sweep_table_and_plot(runs, tmp_path, capsys):
         taus = [r for r in table if r["label"].startswith("τ=") and r["run"] == str(runs[name])]
         assert len(taus) == 3 and taus[0]["macs"] >= taus[-1]["macs"]  # a higher threshold never costs more
     assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "sweep.md").exists()
+
+
+
+def test_sweep_carries_recorded_rows(tmp_path):
+    """A report rebuilt where some run folders are gone keeps their earlier rows, dated; a run measured again
+    replaces its old rows; a recorded row without a date cannot be carried."""
+    now = [{"series": "ACT", "label": "τ 0.01", "accuracy": 88.0, "macs": 7e7, "reduction": 16.0, "run": "/r/act",
+            "date": "2026-12-03"}]
+    old = [{"series": "ACT", "label": "τ 0.01", "accuracy": 80.0, "macs": 8e7, "reduction": 4.0, "run": "/r/act",
+            "date": "2026-12-01"},
+           {"series": "plain ResNet", "label": "R-38", "accuracy": 88.11, "macs": 8.33e7, "reduction": 0.0,
+            "run": "/gone/plain-resnet38", "date": "2026-12-02 13:11 UTC"}]
+    table = carry_recorded(now, old)
+    assert [(r["run"], r["accuracy"], r.get("carried", False)) for r in table] == [
+        ("/r/act", 88.0, False), ("/gone/plain-resnet38", 88.11, True)]
+    md = sweep_markdown(table)
+    assert "R-38 (measured 2026-12-02 13:11 UTC) | 88.11" in md and "τ 0.01 | 88.00" in md
+    assert plot_table(table, tmp_path / "t.png", title="t").stat().st_size > 1000
+    with pytest.raises(ValueError, match="no date"):
+        carry_recorded([], [{k: v for k, v in old[1].items() if k != "date"}])
 
 
 def test_demo_runs_end_to_end(fmnist_root, tmp_path, monkeypatch):

@@ -191,7 +191,7 @@ def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence
       the same rates on the run's own weights (what per-image routing adds over fixed per-block rates);
     * ``plain`` ResNets as accuracy points (the static line).
     Writes ``sweep.json``, ``sweep.md``, ``tradeoff.png``; returns the table's rows."""
-    from .analysis import plot_tradeoff, threshold_sweep
+    from .analysis import threshold_sweep
     from .train.device import resolve_device
     from .train.evaluate import random_skipping
 
@@ -247,14 +247,31 @@ def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence
     for path in plain:
         m, p = load(path)
         add("plain ResNet", run_label(p), evaluate(m, loader), path)
-    series: dict[str, list] = {}
-    for row in table:
-        series.setdefault(row["series"], []).append((row["macs"], row["accuracy"], row["label"]))
-    plot_tradeoff(series, out / "tradeoff.png", title=title or f"Accuracy vs compute on {test.name}",
-                  styles=tradeoff_styles(series))
+    plot_table(table, out / "tradeoff.png", title=title or f"Accuracy vs compute on {test.name}")
     files[0].write_text(json.dumps(table, indent=2))
     files[1].write_text(sweep_markdown(table) + "\n\n![trade-off](tradeoff.png)\n")
     return table
+
+
+def plot_table(table: Sequence[dict[str, Any]], path: str | Path, *, title: str) -> Path:
+    """The trade-off plot of a sweep table's rows: one series per row ``series``, points labelled."""
+    from .analysis import plot_tradeoff
+
+    series: dict[str, list] = {}
+    for row in table:
+        series.setdefault(row["series"], []).append((row["macs"], row["accuracy"], row["label"]))
+    return plot_tradeoff(series, path, title=title, styles=tradeoff_styles(series))
+
+
+def carry_recorded(table: Sequence[dict[str, Any]], recorded: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``table`` (rows measured now) plus the rows of an earlier sweep (``recorded``) whose runs were not
+    measured now -- e.g. their run folders are on another machine. A carried row keeps its own ``date`` and is
+    marked ``carried``; a run measured now replaces every recorded row of it."""
+    measured = {row["run"] for row in table}
+    for row in recorded:
+        if "date" not in row:
+            raise ValueError(f"recorded row {row.get('series')!r} / {row.get('label')!r} has no date: cannot carry it")
+    return list(table) + [{**row, "carried": True} for row in recorded if row["run"] not in measured]
 
 
 def tradeoff_styles(series: dict[str, list]) -> dict[str, dict]:
@@ -265,6 +282,8 @@ def tradeoff_styles(series: dict[str, list]) -> dict[str, dict]:
 
 def sweep_markdown(table: Sequence[dict[str, Any]]) -> str:
     lines = ["| series | point | top-1 (%) | MACs/image (M) | reduction vs plain (%) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['series']} | {r['label']} | {r['accuracy']:.2f} | {r['macs'] / 1e6:.2f} | {r['reduction']:.1f} |"
-              for r in table]
+    for r in table:  # a row carried from an earlier sweep says when it was measured
+        label = f"{r['label']} (measured {r['date']})" if r.get("carried") else r["label"]
+        lines.append(f"| {r['series']} | {label} | {r['accuracy']:.2f} | {r['macs'] / 1e6:.2f} "
+                     f"| {r['reduction']:.1f} |")
     return "\n".join(lines)
