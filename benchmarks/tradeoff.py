@@ -161,9 +161,9 @@ def main() -> int:
     machine = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
     for row in table:  # each row's training epochs in all: a stage from the SP run adds the SP run's
         row.update(epochs=epochs_in_all(row["run"]), date=date)
-    # rows of the last report whose runs were not measured now (their folders on another machine) stay, dated
+    # --report-only: the rows of the last report for runs not finished here (their folders on another machine)
     recorded = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else []
-    table = carry_recorded(table, recorded)
+    table = carry_recorded(table, recorded, missing or [])
     carried = sorted({Path(r["run"]).name for r in table if r.get("carried")})
     missing = [name for name in missing if name not in carried] if missing else missing
     if not table:

@@ -91,22 +91,24 @@ def test_sweep_table_and_plot(runs, tmp_path, capsys):
 
 
 def test_sweep_carries_recorded_rows(tmp_path):
-    """A report rebuilt where some run folders are gone keeps their earlier rows, dated; a run measured again
-    replaces its old rows; a recorded row without a date cannot be carried."""
-    now = [{"series": "ACT", "label": "τ 0.01", "accuracy": 88.0, "macs": 7e7, "reduction": 16.0, "run": "/r/act",
-            "date": "2026-12-03"}]
-    old = [{"series": "ACT", "label": "τ 0.01", "accuracy": 80.0, "macs": 8e7, "reduction": 4.0, "run": "/r/act",
-            "date": "2026-12-01"},
+    """A report rebuilt where some run folders are gone keeps their earlier rows, dated -- only for the runs
+    asked for and missing; a run measured again replaces its old rows; an undated row cannot be carried."""
+    now = [{"series": "ACT", "label": "τ 0.01", "accuracy": 88.0, "macs": 7e7, "reduction": 16.0,
+            "run": "/new/act-0.01", "date": "2026-12-03"}]
+    old = [{"series": "ACT", "label": "τ 0.01", "accuracy": 80.0, "macs": 8e7, "reduction": 4.0,
+            "run": "/old/act-0.01", "date": "2026-12-01"},
            {"series": "plain ResNet", "label": "R-38", "accuracy": 88.11, "macs": 8.33e7, "reduction": 0.0,
-            "run": "/gone/plain-resnet38", "date": "2026-12-02 13:11 UTC"}]
-    table = carry_recorded(now, old)
+            "run": "/old/plain-resnet38", "date": "2026-12-02 13:11 UTC"},
+           {"series": "SDV", "label": "d=0.2", "accuracy": 85.0, "macs": 7e7, "reduction": 16.0,
+            "run": "/old/sdv-0.2", "date": "2026-12-02"}]
+    table = carry_recorded(now, old, ["act-0.01", "plain-resnet38"])  # sdv-0.2 not asked for: left out
     assert [(r["run"], r["accuracy"], r.get("carried", False)) for r in table] == [
-        ("/r/act", 88.0, False), ("/gone/plain-resnet38", 88.11, True)]
+        ("/new/act-0.01", 88.0, False), ("/old/plain-resnet38", 88.11, True)]
     md = sweep_markdown(table)
     assert "R-38 (measured 2026-12-02 13:11 UTC) | 88.11" in md and "τ 0.01 | 88.00" in md
     assert plot_table(table, tmp_path / "t.png", title="t").stat().st_size > 1000
     with pytest.raises(ValueError, match="no date"):
-        carry_recorded([], [{k: v for k, v in old[1].items() if k != "date"}])
+        carry_recorded([], [{k: v for k, v in old[1].items() if k != "date"}], ["plain-resnet38"])
 
 
 def test_demo_runs_end_to_end(fmnist_root, tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -263,15 +263,17 @@ def plot_table(table: Sequence[dict[str, Any]], path: str | Path, *, title: str)
     return plot_tradeoff(series, path, title=title, styles=tradeoff_styles(series))
 
 
-def carry_recorded(table: Sequence[dict[str, Any]], recorded: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``table`` (rows measured now) plus the rows of an earlier sweep (``recorded``) whose runs were not
-    measured now -- e.g. their run folders are on another machine. A carried row keeps its own ``date`` and is
-    marked ``carried``; a run measured now replaces every recorded row of it."""
-    measured = {row["run"] for row in table}
-    for row in recorded:
+def carry_recorded(table: Sequence[dict[str, Any]], recorded: Sequence[dict[str, Any]],
+                   runs: Collection[str]) -> list[dict[str, Any]]:
+    """``table`` (rows measured now) plus the rows of an earlier sweep (``recorded``) that belong to ``runs``
+    -- run folder names (e.g. ``plain-resnet26``) that were asked for but are not on this machine. A carried
+    row keeps its own ``date`` and is marked ``carried``; a recorded row of a run measured now is dropped."""
+    names, measured = set(runs), {Path(row["run"]).name for row in table}
+    carried = [row for row in recorded if Path(row["run"]).name in names - measured]
+    for row in carried:
         if "date" not in row:
             raise ValueError(f"recorded row {row.get('series')!r} / {row.get('label')!r} has no date: cannot carry it")
-    return list(table) + [{**row, "carried": True} for row in recorded if row["run"] not in measured]
+    return list(table) + [{**row, "carried": True} for row in carried]
 
 
 def tradeoff_styles(series: dict[str, list]) -> dict[str, dict]:
