@@ -152,8 +152,8 @@ def main() -> int:
     runs_done = [str(r) for r in hrl + seeds + [paper] + calibrate + rivals if r is not None]
     plain_done = [str(r) for r in plain if r is not None]
     title = f"{args.data}: {total:g} epochs in all, every series trained by us"
-    table = make_sweep(runs_done, plain=plain_done,
-                       taus=plan["taus"], sweep=[str(r) for r in [sp] + hrl_done[len(hrl_done) // 2:][:1] if r],
+    swept = ([sp] if sp else []) + ([hrl_done[len(hrl_done) // 2]] if hrl_done else [])  # SP and the middle HRL
+    table = make_sweep(runs_done, plain=plain_done, taus=plan["taus"], sweep=[str(r) for r in swept],
                        random_from=str(sp) if sp else None,
                        out=runs / "sweep", overwrite=True, data_root=args.data_root,
                        title=title) if runs_done or plain_done else []
@@ -165,7 +165,8 @@ def main() -> int:
     recorded = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else []
     table = carry_recorded(table, recorded, missing or [])
     carried = sorted({Path(r["run"]).name for r in table if r.get("carried")})
-    missing = [name for name in missing if name not in carried] if missing else missing
+    if missing:
+        missing = [name for name in missing if name not in carried]
     if not table:
         raise SystemExit(f"nothing to report: no finished run in {runs} and no earlier report in {out}")
     out.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,6 @@ def test_sweep_table_and_plot(runs, tmp_path, capsys):
     assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "sweep.md").exists()
 
 
-
 def test_sweep_carries_recorded_rows(tmp_path):
     """A report rebuilt where some run folders are gone keeps their earlier rows, dated -- only for the runs
     asked for and missing; a run measured again replaces its old rows; an undated row cannot be carried."""
