@@ -436,6 +436,28 @@ def test_config_rebuilds_the_network():
     clone.load_state_dict(model.state_dict())  # strict: same keys and shapes
 
 
+def test_layout_sets_the_blocks_per_stage():
+    # The block set SkipNet-20's policies keep on Fashion-MNIST (1/2/3), as a plain network of ResNet-14's size.
+    model = create_model("cifar_resnet14", gate="rnn", layout=[1, 2, 3])  # a list (YAML, JSON) is accepted
+    assert model.config.layout == (1, 2, 3)
+    assert [len(model.layer1), len(model.layer2), len(model.layer3)] == [1, 2, 3]
+    assert model.stage_of_block == (0, 1, 1, 2, 2, 2) and model.num_gates == 5
+    # Two transition blocks either way, every other block costs the same: 1/2/3 costs what 2/2/2 does (the gates
+    # differ, by the width of their inputs).
+    assert model.mac_table((32, 32)).plain == create_model("cifar_resnet14", gate="none").mac_table((32, 32)).plain
+    with torch.no_grad():
+        assert _flops(model.eval(), torch.randn(1, 3, 32, 32), mode="all") == model.mac_table((32, 32)).dense
+    clone = skipnet.SkipResNet(skipnet.SkipNetConfig(**model.config.to_dict()))
+    clone.load_state_dict(model.state_dict())
+    odd = skipnet.SkipResNet(skipnet.SkipNetConfig(depth=16, gate="none", layout=(2, 2, 3)))  # no preset is 16 deep
+    assert len(odd.blocks) == 7
+    for layout, match in (([1, 2], "3 stages"), ([0, 3, 3], "at least 1"), (3, "e.g."), ([1, 2, 4], "depth of 16")):
+        with pytest.raises(ValueError, match=match):
+            create_model("cifar_resnet14", layout=layout)
+    with pytest.raises(ValueError, match="CIFAR-style"):
+        create_model("resnet18", layout=[1, 1, 1])
+
+
 # --- gates ---------------------------------------------------------------------------------------------------
 
 def test_gate_pool_gradient_is_the_mean_gradient():

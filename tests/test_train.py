@@ -373,6 +373,14 @@ def test_overrides_are_typed_and_checked():
         load_config("no_such_recipe")
     cfg = load_config("fashion_mnist_hrl", ["train.milestones=[1,2]", "train.target_macs=none"])
     assert cfg.train.milestones == (1.0, 2.0) and cfg.train.target_macs is None
+    cfg = load_config("fashion_mnist_baseline", ["model.layout=[1,2,3]"])
+    assert cfg.model.layout == (1, 2, 3)
+    assert trainer.build_model(cfg, num_classes=10, in_channels=1).config.layout == (1, 2, 3)
+    with pytest.raises(ValueError, match="whole numbers"):
+        load_config(None, ["model.layout=[1,2.5,3]"])
+    with pytest.raises(ValueError, match="not available to the sdv stage"):
+        trainer.build_model(load_config("fashion_mnist_sdv", ["model.layout=[1,2,3]"]), num_classes=10,
+                            in_channels=1)
     with pytest.raises(ValueError, match="drop_rate applies to the sp"):
         load_config("fashion_mnist_hrl", ["train.drop_rate=0.1"])
     with pytest.raises(ValueError, match="drop_rate is a probability"):

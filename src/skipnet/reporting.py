@@ -156,6 +156,8 @@ GATE_NAMES = {"rnn": "RNN", "ffgate1": "FFGate-I", "ffgate2": "FFGate-II"}
 def model_title(cfg: Any) -> str:
     """``SkipNet-20 (RNN gates)``; ImageNet-layout networks say so (depth 152 exists in both layouts)."""
     layout = ", ImageNet layout" if cfg.arch == "imagenet" else ""
+    if getattr(cfg, "layout", None):
+        layout = ", blocks " + "/".join(str(k) for k in cfg.layout)
     return f"SkipNet-{cfg.depth} ({GATE_NAMES.get(cfg.gate, cfg.gate)} gates{layout})"
 
 

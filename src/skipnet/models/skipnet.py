@@ -44,6 +44,7 @@ class SkipNetConfig:
     in_channels: int = 3
     embed_dim: int = 10  # RNN gate: projection size
     hidden_dim: int = 10  # RNN gate: LSTM hidden size
+    layout: tuple[int, ...] | None = None  # CIFAR: blocks per stage in place of depth's n, n, n (same depth)
 
     def __post_init__(self) -> None:
         for name in ("depth", "num_classes", "in_channels", "embed_dim", "hidden_dim"):
@@ -52,12 +53,28 @@ class SkipNetConfig:
                 raise ValueError(f"{name} must be a positive integer; got {v!r} ({type(v).__name__})")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
-        if self.arch == "cifar" and (self.depth < 8 or (self.depth - 2) % 6):
+        if self.arch == "cifar" and self.layout is None and (self.depth < 8 or (self.depth - 2) % 6):
             raise ValueError(f"a CIFAR-style ResNet has depth 6n+2 with n >= 1 (8, 14, 20, 38, ...); got {self.depth}")
         if self.arch == "imagenet" and self.depth not in IMAGENET_LAYOUTS:
             raise ValueError(f"ImageNet-style depth must be one of {sorted(IMAGENET_LAYOUTS)}; got {self.depth}")
         if self.gate not in GATE_TYPES + ("none",):
             raise ValueError(f"unknown gate {self.gate!r}; expected one of {GATE_TYPES + ('none',)}")
+        if self.layout is not None:
+            self._check_layout()
+
+    def _check_layout(self) -> None:
+        if self.arch != "cifar":
+            raise ValueError("layout applies to the CIFAR-style ResNets only (the ImageNet layouts are fixed)")
+        if not isinstance(self.layout, (list, tuple)):
+            raise ValueError(f"layout gives the blocks of the 3 stages, e.g. [1, 2, 3]; got {self.layout!r}")
+        layout = tuple(self.layout)
+        object.__setattr__(self, "layout", layout)  # a list from YAML or JSON becomes the tuple it stands for
+        if len(layout) != 3 or any(not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1
+                                   for k in layout):
+            raise ValueError(f"layout gives the blocks of the 3 stages, each at least 1; got {self.layout!r}")
+        if 2 + 2 * sum(layout) != self.depth:
+            raise ValueError(f"layout {list(layout)} has {sum(layout)} blocks, a depth of {2 + 2 * sum(layout)}, "
+                             f"not {self.depth}: give the depth that matches")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +105,7 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
         if c.arch == "cifar":
             n = (c.depth - 2) // 6
             block_type: type[ResidualBlock] = BasicBlock
-            layout, widths = (n, n, n), (16, 32, 64)
+            layout, widths = c.layout or (n, n, n), (16, 32, 64)
             self.inplanes = 16
             self.conv1 = nn.Conv2d(c.in_channels, 16, 3, 1, 1, bias=False)
             self.bn1 = nn.BatchNorm2d(16)

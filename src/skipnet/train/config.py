@@ -36,6 +36,7 @@ class ModelSection:
     in_channels: int | None = None  # None: from the data
     embed_dim: int = 10
     hidden_dim: int = 10
+    layout: tuple[int, ...] | None = None  # CIFAR presets: blocks per stage, e.g. [1, 2, 3] for a ResNet-14 (2+2*6)
     halt_eps: float = 0.01  # act/sact: a stage halts once its halting scores sum to >= 1 - halt_eps (the paper's
     # 0.01; stored with the model, inference uses it)
 
@@ -279,6 +280,10 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
             raise ValueError(f"option {key}={value!r} must be a list of numbers") from None
         if not all(math.isfinite(v) for v in numbers):
             raise ValueError(f"option {key}={value!r} must hold finite numbers")
+        if typing.get_args(base)[0] is int:
+            if not all(v.is_integer() for v in numbers):
+                raise ValueError(f"option {key}={value!r} must be a list of whole numbers")
+            return tuple(int(v) for v in numbers)
         return numbers
     try:
         if base is bool:
