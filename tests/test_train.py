@@ -387,8 +387,15 @@ def test_overrides_are_typed_and_checked():
     assert trainer.build_model(cfg, num_classes=10, in_channels=1).config.layout == (1, 2, 3)
     with pytest.raises(ValueError, match="whole numbers"):
         load_config(None, ["model.layout=[1,2.5,3]"])
-    with pytest.raises(ValueError, match="not available to the sdv stage"):
-        trainer.build_model(load_config("fashion_mnist_sdv", ["model.layout=[1,2,3]"]), num_classes=10,
+    for over in (["model.layout=[1,2,3]"], ["model.depth=26"]):
+        with pytest.raises(ValueError, match="not available to the sdv stage"):
+            trainer.build_model(load_config("fashion_mnist_sdv", over), num_classes=10, in_channels=1)
+    # a block set of no preset's depth: 7 blocks, depth 16, named by model.depth
+    odd = trainer.build_model(load_config("fashion_mnist_baseline", ["model.layout=[1,3,3]", "model.depth=16"]),
+                              num_classes=10, in_channels=1)
+    assert (odd.config.depth, odd.config.layout, len(odd.blocks)) == (16, (1, 3, 3), 7)
+    with pytest.raises(ValueError, match="model.depth"):
+        trainer.build_model(load_config("fashion_mnist_baseline", ["model.layout=[1,3,3]"]), num_classes=10,
                             in_channels=1)
     with pytest.raises(ValueError, match="drop_rate applies to the sp"):
         load_config("fashion_mnist_hrl", ["train.drop_rate=0.1"])

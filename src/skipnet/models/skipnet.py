@@ -74,7 +74,7 @@ class SkipNetConfig:
             raise ValueError(f"layout gives the blocks of the 3 stages, each at least 1; got {self.layout!r}")
         if 2 + 2 * sum(layout) != self.depth:
             raise ValueError(f"layout {list(layout)} has {sum(layout)} blocks, a depth of {2 + 2 * sum(layout)}, "
-                             f"not {self.depth}: give the depth that matches")
+                             f"not {self.depth}: give the depth that matches (train config: model.depth)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -37,6 +37,7 @@ class ModelSection:
     embed_dim: int = 10
     hidden_dim: int = 10
     layout: tuple[int, ...] | None = None  # CIFAR presets: blocks per stage, e.g. [1, 2, 3] for a ResNet-14 (2+2*6)
+    depth: int | None = None  # CIFAR presets: another depth (6n+2, or 2+2*sum(layout): 16 for [1, 3, 3])
     halt_eps: float = 0.01  # act/sact: a stage halts once its halting scores sum to >= 1 - halt_eps (the paper's
     # 0.01; stored with the model, inference uses it)
 

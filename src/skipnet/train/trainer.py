@@ -179,9 +179,9 @@ def build_model(cfg: RunConfig, num_classes: int, in_channels: int) -> SkipResNe
         if given is not None and given != found:
             raise ValueError(f"model.{key} is {given} but the data has {found}: leave it unset to take the data's")
     if cfg.train.stage in RIVAL_STAGES:  # ACT, SACT or random skipping on the preset's plain ResNet
-        if m.layout is not None:
-            raise ValueError(f"model.layout is not available to the {cfg.train.stage} stage (its presets keep "
-                             "their n, n, n layout)")
+        if m.layout is not None or m.depth is not None:
+            raise ValueError(f"model.layout and model.depth are not available to the {cfg.train.stage} stage (its "
+                             "presets keep their depth and n, n, n layout)")
         return create_rival(cfg.train.stage, m.name, num_classes=m.num_classes or num_classes,
                             in_channels=m.in_channels or in_channels,
                             **({"drop_rate": cfg.train.drop_rate} if cfg.train.stage == "sdv" else
@@ -191,6 +191,8 @@ def build_model(cfg: RunConfig, num_classes: int, in_channels: int) -> SkipResNe
                      in_channels=m.in_channels or in_channels)
     if m.layout is not None:
         overrides["layout"] = m.layout
+    if m.depth is not None:
+        overrides["depth"] = m.depth
     return create_model(m.name, **overrides)
 
 
