@@ -13,6 +13,8 @@ Trains (or, when a run folder is already complete, reuses; an interrupted one is
   * the rivals (SPEC §10), on the SkipNet's backbone, from scratch by the plain ResNets' recipe for the same
     epochs: ACT and SACT (Figurnov et al. 2017) at several ponder costs tau, and SDV (random skipping, trained
     and evaluated at its rate) at several rates -- skip them with --no-rivals;
+  * the static baseline of every HRL run whose greedy policy is static (each block run for every image or
+    for none): the plain network of just the blocks it keeps (``model.layout``), from scratch, same epochs;
 and evaluates the tau sweeps of the SP and HRL networks and random skipping at each HRL run's per-block rates
 on the SP weights (the paper's stochastic-depth variant). Writes ``docs/tradeoff/<data>/`` (sweep.json with
 the epochs and date of every row, sweep.md, tradeoff.png) and prints the table; the demo reads its plain
@@ -30,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from skipnet.reporting import carry_recorded, make_sweep, plot_table, sweep_markdown
-from skipnet.train import load_checkpoint, load_config, train
+from skipnet.reporting import carry_recorded, make_sweep, plot_table, static_block_set, sweep_markdown
+from skipnet.train import load_checkpoint, load_config, load_model, train
 from skipnet.train.trainer import load_data
 
 PLANS = {
@@ -78,6 +80,23 @@ def epochs_in_all(run: str | Path) -> float:
     train_cfg = load_checkpoint(run)["run_config"]["train"]
     init = train_cfg.get("init")
     return train_cfg["epochs"] + (epochs_in_all(init) if init else 0.0)
+
+
+def learned_set_plans(runs: list[Path | None], epochs: float) -> list[tuple[Path, list[str]]]:
+    """(run, overrides of the plain recipe) for each finished SkipNet run whose greedy policy on the test images
+    (its final evaluation: decisions need no labels) is static: the plain network of the blocks it keeps."""
+    plans = []
+    for run in runs:
+        if run is None:
+            continue
+        rates = json.loads((run / "final.json").read_text())["exec_rates"]
+        layout = static_block_set(load_model(run).stage_of_block, rates)
+        if layout is None:
+            print(f"[routed] {run}: no static block set to train plainly", flush=True)
+            continue
+        plans.append((run, [f"model.depth={2 + 2 * sum(layout)}", f"model.layout=[{','.join(map(str, layout))}]",
+                            f"train.epochs={epochs}"]))
+    return plans
 
 
 def run_stage(recipe: str, run: Path, overrides: list[str], data, log: list[dict],
@@ -141,6 +160,8 @@ def main() -> int:
                  for t in plan["targets"][:2]]
     plain = [stage(plan["baseline"], f"plain-{name.removeprefix('cifar_')}",
                    root + [f"model.name={name}", f"train.epochs={total}"]) for name in plan["plain"]]
+    learned_sets = [stage(plan["baseline"], f"plain-set-{run.name}", root + overrides)
+                    for run, overrides in learned_set_plans(hrl + seeds, total)]
     rivals = []
     for method, (recipe, key, values) in ({} if args.no_rivals else plan["rivals"]).items():
         if load_config(recipe, root).train.epochs != total:
@@ -149,7 +170,7 @@ def main() -> int:
         rivals += [stage(recipe, f"{method}-{v:g}", root + [f"train.{key}={v}"]) for v in values]
 
     hrl_done = [r for r in hrl if r is not None]
-    runs_done = [str(r) for r in hrl + seeds + [paper] + calibrate + rivals if r is not None]
+    runs_done = [str(r) for r in hrl + seeds + [paper] + calibrate + learned_sets + rivals if r is not None]
     plain_done = [str(r) for r in plain if r is not None]
     title = f"{args.data}: {total:g} epochs in all, every series trained by us"
     swept = ([sp] if sp else []) + ([hrl_done[len(hrl_done) // 2]] if hrl_done else [])  # SP and the middle HRL

@@ -10,7 +10,15 @@ import torch
 from skipnet import create_model
 from skipnet.cli import main
 from skipnet.demo import run_demo
-from skipnet.reporting import carry_recorded, plot_table, sweep_markdown
+from skipnet.reporting import (
+    LEARNED_SET_SERIES,
+    carry_recorded,
+    plot_table,
+    run_label,
+    run_series,
+    static_block_set,
+    sweep_markdown,
+)
 from skipnet.train import save_checkpoint
 
 from .test_train import _write_idx
@@ -108,6 +116,26 @@ def test_sweep_carries_recorded_rows(tmp_path):
     assert plot_table(table, tmp_path / "t.png", title="t").stat().st_size > 1000
     with pytest.raises(ValueError, match="no date"):
         carry_recorded([], [{k: v for k, v in old[1].items() if k != "date"}], ["plain-resnet38"])
+
+
+def test_static_block_set_is_the_layout_of_the_blocks_a_static_policy_keeps():
+    # SkipNet-20: 9 blocks, 3 per stage, the first ungated; gates 2 and 5 sit on stages 2 and 3's first blocks
+    stages = create_model("cifar_resnet20", gate="rnn").stage_of_block
+    assert stages == (0, 0, 0, 1, 1, 1, 2, 2, 2)
+    learned = [0.0, 0.0, 1.0, 0.9914, 0.0, 1.0, 1.0, 1.0]  # a measured run (docs/RESULTS.md, issue 11)
+    assert static_block_set(stages, learned) == (1, 2, 3)
+    assert static_block_set(stages, [1.0] * 8) == (3, 3, 3)
+    assert static_block_set(stages, [0, 0, 1, 0, 0, 1, 0, 0]) == (1, 1, 1)
+    assert static_block_set(stages, [0.0, 0.0, 1.0, 0.9, 0.0, 1.0, 1.0, 1.0]) is None  # routes per image
+    assert static_block_set(stages, [1, 1, 0, 1, 1, 1, 1, 1]) is None  # skips stage 2's downsampling block
+    assert static_block_set(stages, learned, tol=0.005) is None  # 0.9914 is routing at a tighter tolerance
+    with pytest.raises(ValueError, match="8 execution rates"):
+        static_block_set(stages, learned[:7])
+    # a plain network of such a set is its own series, labelled with its blocks
+    payload = {"model_config": {"gate": "none", "depth": 14, "layout": [1, 2, 3]}, "run_config": {"train": {}}}
+    assert run_series(payload) == LEARNED_SET_SERIES and run_label(payload) == "R-14 (1/2/3)"
+    plain = {"model_config": {"gate": "none", "depth": 14, "layout": None}, "run_config": {"train": {}}}
+    assert run_series(plain) == "plain ResNet" and run_label(plain) == "R-14"
 
 
 def test_demo_runs_end_to_end(fmnist_root, tmp_path, monkeypatch):

@@ -71,7 +71,7 @@ def run_label(payload: dict[str, Any]) -> str:
     cfg = payload.get("model_config", {})
     train = payload.get("run_config", {}).get("train", {})
     if cfg.get("gate") == "none":
-        return f"R-{cfg.get('depth')}"
+        return f"R-{cfg.get('depth')}" + (f" ({'/'.join(map(str, cfg['layout']))})" if cfg.get("layout") else "")
     seed = f", seed {train['seed']}" if train.get("seed") else ""
     if "method" in cfg:  # a rival: its ponder cost or skipping rate
         rate = f"d={cfg.get('drop_rate'):g}" if cfg["method"] == "sdv" else f"ponder τ={train.get('ponder_cost'):g}"
@@ -166,10 +166,37 @@ SERIES_NAMES = {"hrl": "SkipNet SP→HRL", "calibrate": "calibrate (ours: global
                 "sact": "SACT (per-position halting)", "sdv": "SDV (random skipping, trained for it)"}
 
 
+LEARNED_SET_SERIES = "plain ResNet of a SkipNet's learned block set (blocks per stage)"
+
+
+def static_block_set(stage_of_block: Sequence[int], exec_rates: Sequence[float], *,
+                     tol: float = 0.02) -> tuple[int, ...] | None:
+    """The blocks per stage that a *static* SkipNet policy runs, as a ``layout`` for the plain network of
+    those blocks alone (the static baseline of a learned policy: train it from scratch and compare). The
+    first block is never gated; ``exec_rates`` are the gated blocks' execution rates (e.g. ``evaluate``'s).
+    ``None`` when the policy routes (a rate between ``tol`` and ``1 - tol``), skips a stage's first block
+    (where a plain network downsamples: a SkipNet that skips it keeps only the shortcut, which no layout
+    builds) or leaves a stage empty."""
+    rates = [1.0] + [float(r) for r in exec_rates]
+    if len(rates) != len(stage_of_block):
+        raise ValueError(f"expected {len(stage_of_block) - 1} execution rates (one per gate); got {len(exec_rates)}")
+    if any(tol < r < 1 - tol for r in rates):
+        return None
+    counts = [0] * (max(stage_of_block) + 1)
+    for i, (stage, r) in enumerate(zip(stage_of_block, rates)):
+        first = i == 0 or stage_of_block[i - 1] != stage
+        if first and r <= tol:
+            return None
+        counts[stage] += r >= 1 - tol
+    return tuple(counts) if all(counts) else None
+
+
 def run_series(payload: dict[str, Any]) -> str:
     """The trade-off series a run belongs to, by its stage (HRL runs by their objective)."""
     train = payload.get("run_config", {}).get("train", {})
     stage = "baseline" if payload.get("model_config", {}).get("gate") == "none" else train.get("stage", "sp")
+    if stage == "baseline" and payload.get("model_config", {}).get("layout"):
+        return LEARNED_SET_SERIES
     name = SERIES_NAMES.get(stage, stage)
     if stage == "hrl":
         paper = dict(baseline="none", target_macs=None, explore=0.0, entropy=0.0, cost="uniform",
