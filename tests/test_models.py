@@ -505,3 +505,31 @@ def test_rnn_gate_function_is_the_modules_arithmetic():
     logit, (h1, c1) = bank(x, 2, (h, c))
     h2, c2 = bank.rnn(bank.proj[2](x.mean((2, 3))), (h, c))
     assert torch.equal(logit, bank.fc(h2).squeeze(1)) and torch.equal(h1, h2) and torch.equal(c1, c2)
+
+
+def test_block_set_network_is_the_skipnet_with_its_decisions_fixed():
+    # A static policy as an ordinary ResNet: the kept blocks' weights in a plain network of their layout give
+    # the SkipNet's outputs with those decisions fixed (eval mode). Fails if a block is copied to the wrong
+    # place, the stem or classifier is not carried, or the layout is miscounted.
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20", gate="rnn", num_classes=7)
+    for m in model.modules():  # BatchNorm statistics that are not the identity, so a misplaced block shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    keep = [0, 0, 1, 1, 0, 1, 1, 1]
+    plain = skipnet.block_set_network(model, keep).eval()
+    assert not plain.is_gated and plain.config.layout == (1, 2, 3) and plain.config.depth == 14
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x, "fixed", decisions=torch.tensor(keep, dtype=torch.float32)).logits
+        torch.testing.assert_close(plain(x).logits, want)
+        other = skipnet.block_set_network(model, [1, 0, 1, 1, 0, 1, 1, 1]).eval()  # another block of stage 1
+        assert not torch.allclose(other(x).logits, want)
+    with pytest.raises(ValueError, match="first of stage 2"):
+        skipnet.block_set_network(model, [1, 1, 0, 1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="8 keep flags"):
+        skipnet.block_set_network(model, keep[:7])
+    with pytest.raises(ValueError, match="CIFAR-style"):
+        skipnet.block_set_network(create_model("resnet18", gate="rnn"), [1] * 7)

@@ -6,6 +6,7 @@ from .models import (
     SkipNetConfig,
     SkipNetOutput,
     SkipResNet,
+    block_set_network,
     create_model,
     from_torchvision,
     list_models,
@@ -15,6 +16,6 @@ from .published import list_pretrained, pretrained, pretrained_info
 __version__ = "0.1.0"
 __all__ = [
     "MODES", "MacTable", "SkipNetConfig", "SkipNetOutput", "SkipResNet", "build_mac_table",
-    "computation_percentage", "create_model", "from_torchvision", "list_models", "list_pretrained", "pretrained",
-    "pretrained_info", "__version__",
+    "block_set_network", "computation_percentage", "create_model", "from_torchvision", "list_models",
+    "list_pretrained", "pretrained", "pretrained_info", "__version__",
 ]

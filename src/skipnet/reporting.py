@@ -177,18 +177,18 @@ def static_block_set(stage_of_block: Sequence[int], exec_rates: Sequence[float],
     ``None`` when the policy routes (a rate between ``tol`` and ``1 - tol``), skips a stage's first block
     (where a plain network downsamples: a SkipNet that skips it keeps only the shortcut, which no layout
     builds) or leaves a stage empty."""
-    rates = [1.0] + [float(r) for r in exec_rates]
-    if len(rates) != len(stage_of_block):
-        raise ValueError(f"expected {len(stage_of_block) - 1} execution rates (one per gate); got {len(exec_rates)}")
+    from .models import kept_layout
+
+    rates = [float(r) for r in exec_rates]
+    if len(rates) != len(stage_of_block) - 1:
+        raise ValueError(f"expected {len(stage_of_block) - 1} execution rates (one per gate); got {len(rates)}")
     if any(tol < r < 1 - tol for r in rates):
         return None
-    counts = [0] * (max(stage_of_block) + 1)
-    for i, (stage, r) in enumerate(zip(stage_of_block, rates)):
-        first = i == 0 or stage_of_block[i - 1] != stage
-        if first and r <= tol:
-            return None
-        counts[stage] += r >= 1 - tol
-    return tuple(counts) if all(counts) else None
+    try:
+        counts = kept_layout(stage_of_block, [r >= 1 - tol for r in rates])
+    except ValueError:  # a stage's first block skipped
+        return None
+    return counts if all(counts) else None
 
 
 def run_series(payload: dict[str, Any]) -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from collections.abc import Sequence
+from dataclasses import fields, replace
 
 from torch import nn
 
@@ -64,3 +65,47 @@ def from_torchvision(tv_model: nn.Module, gate: str = "rnn", **overrides) -> Ski
     if missing or result.unexpected_keys:
         raise ValueError(f"torchvision weights did not match: missing {missing}, unexpected {result.unexpected_keys}")
     return model
+
+
+def kept_layout(stage_of_block: Sequence[int], keep: Sequence[bool]) -> tuple[int, ...]:
+    """Blocks per stage of the network that runs only the kept blocks (``keep``: one flag per gated block, i.e.
+    every block but the first). ``ValueError`` when a stage's first block is dropped (there a plain network
+    downsamples; a SkipNet that skips it keeps only the shortcut, which no layout builds)."""
+    if len(keep) != len(stage_of_block) - 1:
+        raise ValueError(f"expected {len(stage_of_block) - 1} keep flags (one per gate); got {len(keep)}")
+    counts = [0] * (max(stage_of_block) + 1)
+    for i, (stage, kept) in enumerate(zip(stage_of_block, [True, *keep])):
+        if not kept and stage_of_block[i - 1] != stage:
+            raise ValueError(f"block {i} (the first of stage {stage + 1}) is dropped: a plain network of the kept "
+                             "blocks needs every stage's first block")
+        counts[stage] += bool(kept)
+    return tuple(counts)
+
+
+def block_set_network(model: SkipResNet, keep: Sequence[bool]) -> SkipResNet:
+    """The plain network (no gates) of a CIFAR-style SkipNet's kept blocks, holding their trained weights: what
+    a static policy computes, as an ordinary ResNet with ``layout`` :func:`kept_layout` (e.g. to fine-tune the
+    blocks a learned policy keeps as a plain network, or to deploy a static policy without gates). Blocks keep
+    their order; the stem and the classifier are copied. The outputs equal the SkipNet's with those decisions
+    fixed, in eval mode."""
+    if model.config.arch != "cifar":
+        raise ValueError("block_set_network needs a CIFAR-style network (the ImageNet layouts are fixed)")
+    layout = kept_layout(model.stage_of_block, [bool(k) for k in keep])
+    net = SkipResNet(replace(model.config, gate="none", layout=layout, depth=2 + 2 * sum(layout)))
+    source = {k: v for k, v in model.state_dict().items() if not k.startswith("gates.")}
+    state, moved = {}, {}
+    position = [0] * len(layout)
+    for i, (stage, kept) in enumerate(zip(model.stage_of_block, [True, *keep])):
+        j = i - model.stage_of_block.index(stage)  # the block's index within its stage
+        if kept:
+            moved[f"layer{stage + 1}.{j}."] = f"layer{stage + 1}.{position[stage]}."
+            position[stage] += 1
+    for key, value in source.items():
+        if not key.startswith("layer"):
+            state[key] = value
+            continue
+        prefix = ".".join(key.split(".")[:2]) + "."
+        if prefix in moved:
+            state[moved[prefix] + key[len(prefix):]] = value
+    net.load_state_dict(state)
+    return net.to(next(model.parameters()).device)
