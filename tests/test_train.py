@@ -220,6 +220,36 @@ def test_rate_loss_under_the_shared_budget_pulls_every_gate_to_the_common_rate(t
     assert steps[-1]["gate_rates"] == pytest.approx([common, common], abs=0.1)
 
 
+def test_hrl_backbone_path_greedy_takes_the_cross_entropy_on_the_greedy_path(sp_run):
+    # backbone_path greedy (ours): the backbone's cross-entropy comes from each image's greedy path (training
+    # mode), not from the sampled one. With the REINFORCE weight at 0 the step's gradient must equal that of the
+    # greedy path's mean CE alone; with the paper's sampled path (exploration 0.4: a fifth of the decisions
+    # flipped) it must differ. Fails if the greedy pass does not reach the loss or the sampled CE still does.
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 12, 12), torch.arange(16) % 4
+    grads = {}
+    for path in ("greedy", "sampled"):
+        cfg = _config("hrl", init=str(sp_run), backbone_path=path, rl_weight=0.0, explore=0.4, rl_reduction="mean")
+        model = load_model(sp_run)
+        stage = make_stage(cfg.train, model, model.mac_table((12, 12)), 4, torch.device("cpu"))
+        stage.train_mode(model)
+        reference = copy.deepcopy(model)
+        total, _ = stage.loss(model, x, y, torch.Generator().manual_seed(1))
+        total.backward()
+        grads[path] = {n: p.grad.clone() for n, p in model.named_parameters() if not n.startswith("gates.")}
+    F.cross_entropy(reference(x, "greedy", tau=0.5).logits, y).backward()
+    want = {n: p.grad for n, p in reference.named_parameters() if not n.startswith("gates.")}
+    for n, g in grads["greedy"].items():
+        torch.testing.assert_close(g, want[n], msg=n)
+    assert not all(torch.allclose(grads["sampled"][n], want[n]) for n in want)
+    with pytest.raises(ValueError, match="backbone_path must be"):
+        _config("hrl", backbone_path="fixed")
+
+
 def test_sp_with_sampled_gates_and_the_rate_loss_trains_routed_paths_at_the_target(tmp_path):
     # SP's own variant (ours, after ConvNet-AIG): decisions sampled from Bernoulli(p) with a straight-through
     # relaxed gradient, and each gate's mean probability pulled to the one rate that spends target_macs. From

@@ -105,6 +105,9 @@ class TrainSection:
     # starts (the paper's ImageNet HRL: 0.05 sharpens the policy); saved with the weights
     entropy: float = 0.0  # HRL: weight of a bonus on the gates' mean Bernoulli entropy (ours; keeps p graded)
     explore: float = 0.0  # HRL: sample from p' = (1 - explore) p + explore / 2 (bounded exploration, ours)
+    backbone_path: str = "sampled"  # HRL: the path whose cross-entropy trains the backbone: sampled (the
+    # paper) | greedy (ours: the decisions inference takes, without exploration, from a second forward pass with
+    # gradients; the gates still learn by REINFORCE from the sampled paths)
     freeze_bn: bool = False  # keep BatchNorm statistics fixed during HRL / calibrate
     cost: str = "uniform"  # C_j: uniform (paper: every block costs 1) | macs (relative block MACs, mean 1)
     baseline: str = "none"  # none (paper) | ema (per-gate moving average of the returns) | greedy (ours,
@@ -203,6 +206,8 @@ class TrainSection:
             raise ValueError(f"explore is a mixing weight in [0, 1); got {self.explore}")
         if not 0.0 <= self.target_ramp <= 1.0:
             raise ValueError(f"target_ramp is a share of the stage in [0, 1]; got {self.target_ramp}")
+        if self.backbone_path not in ("sampled", "greedy"):
+            raise ValueError(f"backbone_path must be 'sampled' or 'greedy'; got {self.backbone_path!r}")
         if self.baseline not in ("none", "ema", "greedy"):
             raise ValueError(f"baseline must be 'none', 'ema' or 'greedy'; got {self.baseline!r}")
         if self.gate_optimizer not in ("sgd", "adam"):

@@ -173,8 +173,10 @@ class ReinforceStage(Stage):
     probabilities clamped to [1e-6, 1 - 1e-6]: no gradient beyond |logit| ~ 13.8) keeps the gate probabilities
     graded (so that the inference threshold tau trades accuracy for compute). Under DDP a batch-summed
     REINFORCE term is scaled by the world size, so that the all-reduced gradient equals one process's on the
-    joined batch (as cross-entropy's mean does). The gates read the backbone's features, so the REINFORCE,
-    rate and entropy terms reach the backbone through the gate inputs too (as in the paper)."""
+    joined batch (as cross-entropy's mean does). With ``backbone_path`` greedy (ours) the backbone's
+    cross-entropy is taken on each image's greedy path instead of its sampled one (a second forward pass).
+    The gates read the backbone's features, so the REINFORCE, rate and entropy terms reach the backbone through
+    the gate inputs too (as in the paper)."""
 
     name = "reinforce"
     draws_random = True
@@ -197,6 +199,9 @@ class ReinforceStage(Stage):
         self.costs = block_costs(self.table, cfg.cost).to(self.device)
         self.rates: Tensor | None = None  # smoothed per-gate expected execution rates, for the metric lines
         self.has_rate_targets = cfg.budget == "per_gate" or cfg.target_macs is not None  # else rate_loss: no effect
+        if cfg.backbone_path == "greedy" and self.world > 1:
+            raise ValueError("backbone_path 'greedy' runs two forward passes with gradients per step, which DDP "
+                             "does not take yet: train on one process, or use backbone_path 'sampled'")
 
     def greedy_returns(self, x: Tensor, y: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
         """The returns (B, N) of each image's greedy path (threshold ``tau``, eval mode, no gradient) and its
@@ -229,9 +234,13 @@ class ReinforceStage(Stage):
         # a summed term is averaged over the processes by DDP: scale it back to the global sum
         weight = cfg.rl_weight * (self.world if cfg.rl_reduction == "sum" else 1)
         ce = self._ce(out.logits, y, "none")
-        loss = hrl_loss(ce, out.log_probs, out.decisions, alpha=alpha, beta=cfg.beta, rl_weight=weight,
-                        reduction=cfg.rl_reduction, costs=self.costs, baseline=baseline, cap=cfg.skip_cap)
+        greedy = cfg.backbone_path == "greedy"  # then the sampled path's CE enters the returns only
+        loss = hrl_loss(ce.detach() if greedy else ce, out.log_probs, out.decisions, alpha=alpha, beta=cfg.beta,
+                        rl_weight=weight, reduction=cfg.rl_reduction, costs=self.costs, baseline=baseline,
+                        cap=cfg.skip_cap)
         total = loss.total
+        if greedy:  # the backbone learns the paths inference takes (training mode: batch statistics, as above)
+            total = total + self._ce(net(x, "greedy", tau=cfg.tau).logits, y)
         if cfg.entropy:  # a bonus on the policy's entropy (mean over images and gates) keeps gates from saturating
             p = out.probs.float().clamp(1e-6, 1 - 1e-6)
             total = total - cfg.entropy * -(p * p.log() + (1 - p) * (1 - p).log()).mean()
