@@ -76,6 +76,9 @@ VARIANTS = {
     "sum": {"rl_reduction": "sum", "rl_weight": 0.01},  # the paper's summed term: scaled by the world size
     "mean": {"rl_reduction": "mean", "rl_weight": 1.0},
     "sum-greedy": {"rl_reduction": "sum", "rl_weight": 0.01, "baseline": "greedy", "alpha": 0.5},
+    # the backbone's cross-entropy on the greedy path: a second forward pass through DDP before one backward
+    "greedy-backbone": {"rl_reduction": "mean", "rl_weight": 1.0, "baseline": "greedy", "alpha": 0.5,
+                        "backbone_path": "greedy"},
 }
 _TABLE: dict = {}  # per process: the decisions of its images (B, N), and the next gate's index
 

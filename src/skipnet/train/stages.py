@@ -174,7 +174,8 @@ class ReinforceStage(Stage):
     graded (so that the inference threshold tau trades accuracy for compute). Under DDP a batch-summed
     REINFORCE term is scaled by the world size, so that the all-reduced gradient equals one process's on the
     joined batch (as cross-entropy's mean does). With ``backbone_path`` greedy (ours) the backbone's
-    cross-entropy is taken on each image's greedy path instead of its sampled one (a second forward pass).
+    cross-entropy is taken on each image's greedy path instead of its sampled one (a second forward pass
+    with gradients before the one backward; under DDP too, tests/test_distributed.py checks its gradient).
     The gates read the backbone's features, so the REINFORCE, rate and entropy terms reach the backbone through
     the gate inputs too (as in the paper)."""
 
@@ -199,9 +200,6 @@ class ReinforceStage(Stage):
         self.costs = block_costs(self.table, cfg.cost).to(self.device)
         self.rates: Tensor | None = None  # smoothed per-gate expected execution rates, for the metric lines
         self.has_rate_targets = cfg.budget == "per_gate" or cfg.target_macs is not None  # else rate_loss: no effect
-        if cfg.backbone_path == "greedy" and self.world > 1:
-            raise ValueError("backbone_path 'greedy' runs two forward passes with gradients per step, which DDP "
-                             "does not take yet: train on one process, or use backbone_path 'sampled'")
 
     def greedy_returns(self, x: Tensor, y: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
         """The returns (B, N) of each image's greedy path (threshold ``tau``, eval mode, no gradient) and its
