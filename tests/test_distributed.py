@@ -79,6 +79,9 @@ VARIANTS = {
     # the backbone's cross-entropy on the greedy path: a second forward pass through DDP before one backward
     "greedy-backbone": {"rl_reduction": "mean", "rl_weight": 1.0, "baseline": "greedy", "alpha": 0.5,
                         "backbone_path": "greedy"},
+    # ... and the sampled pass without the backbone's autograd (rl_backbone false): a partly grad-free forward
+    "greedy-backbone-detached": {"rl_reduction": "mean", "rl_weight": 1.0, "baseline": "greedy", "alpha": 0.5,
+                                 "backbone_path": "greedy", "rl_backbone": False},
 }
 _TABLE: dict = {}  # per process: the decisions of its images (B, N), and the next gate's index
 

@@ -250,6 +250,42 @@ def test_hrl_backbone_path_greedy_takes_the_cross_entropy_on_the_greedy_path(sp_
         _config("hrl", backbone_path="fixed")
 
 
+def test_hrl_rl_backbone_false_keeps_the_policy_terms_off_the_backbone(sp_run):
+    # rl_backbone false (ours, with the greedy backbone path): the sampled pass runs without the backbone's
+    # autograd, so the backbone's gradient is the greedy path's cross-entropy alone, while the gates' gradient
+    # (REINFORCE, rate loss) is what it is with the terms reaching the backbone too. Fails if a policy term
+    # still reaches the backbone, or if the gates stop learning or learn something else.
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 12, 12), torch.arange(16) % 4
+    grads = {}
+    for attached in (True, False):
+        cfg = _config("hrl", init=str(sp_run), backbone_path="greedy", rl_backbone=attached, rl_weight=1.0,
+                      explore=0.2, rl_reduction="mean", baseline="greedy", alpha=0.5, target_macs=0.7,
+                      rate_loss=1.0)
+        model = load_model(sp_run)
+        stage = make_stage(cfg.train, model, model.mac_table((12, 12)), 4, torch.device("cpu"))
+        stage.train_mode(model)
+        reference = copy.deepcopy(model)
+        total, _ = stage.loss(model, x, y, torch.Generator().manual_seed(1))
+        total.backward()
+        grads[attached] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    F.cross_entropy(reference(x, "greedy", tau=0.5).logits, y).backward()
+    backbone = [n for n in grads[False] if not n.startswith("gates.")]
+    for n in backbone:
+        torch.testing.assert_close(grads[False][n], reference.get_parameter(n).grad, msg=n)
+    assert not all(torch.allclose(grads[True][n], grads[False][n]) for n in backbone)
+    gates = [n for n in grads[False] if n.startswith("gates.")]
+    assert any(grads[False][n].abs().sum() > 0 for n in gates)
+    for n in gates:
+        torch.testing.assert_close(grads[False][n], grads[True][n], msg=n)
+    with pytest.raises(ValueError, match="rl_backbone: false goes with backbone_path: greedy"):
+        _config("hrl", rl_backbone=False)
+
+
 def test_sp_with_sampled_gates_and_the_rate_loss_trains_routed_paths_at_the_target(tmp_path):
     # SP's own variant (ours, after ConvNet-AIG): decisions sampled from Bernoulli(p) with a straight-through
     # relaxed gradient, and each gate's mean probability pulled to the one rate that spends target_macs. From

@@ -240,6 +240,7 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
         generator: torch.Generator | None = None,
         drop_rate: float = 0.0,
         explore: float = 0.0,
+        backbone_grad: bool = True,
     ) -> SkipNetOutput:
         """Run the network on ``x`` (B, C, H, W).
 
@@ -253,6 +254,9 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
         probability whatever its gate says (stochastic depth on the gated blocks, drawn from ``generator``),
         so that the network learns to work without any one block; ``decisions`` then include those skips.
         ``explore`` (mode ``sample``): bounded exploration, see :func:`~skipnet.models.decisions.decide`.
+        ``backbone_grad=False`` (masked executor): the stem, blocks and head run without autograd, so only the
+        gates' outputs (``probs``, ``log_probs``) carry gradients, to the gates' own parameters -- a pass whose
+        cross-entropy is not trained on costs a forward and the gates' backward, not the backbone's.
         Gates run in float32 even under autocast (a bf16 probability above ~0.998 rounds to 1: no sampling).
         """
         if check_executor(executor) == "compact" and not (self.training and self.gates is None):
@@ -263,14 +267,18 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
         table, mode, fixed = self.prepare(x, mode, executor="masked", tau=tau, decisions=decisions,
                                           temperature=temperature, drop_rate=drop_rate)
         batch = x.shape[0]
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, C0, H', W')
+        backbone = torch.enable_grad() if backbone_grad and torch.is_grad_enabled() else torch.no_grad()
+        with backbone:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, C0, H', W')
         if self.gates is None:
-            for block in self.blocks:
-                x = block(x)
-            ones = x.new_ones(batch, self.num_gates)
-            return SkipNetOutput(self._head(x), None, ones, None, table.per_image(ones))
+            with backbone:
+                for block in self.blocks:
+                    x = block(x)
+                ones = x.new_ones(batch, self.num_gates)
+                return SkipNetOutput(self._head(x), None, ones, None, table.per_image(ones))
 
-        x = self.blocks[0](x)
+        with backbone:
+            x = self.blocks[0](x)
         state = self.gates.init_state(x)
         probs, gs, log_probs = [], [], []
         for i, block in enumerate(self.blocks[1:]):
@@ -282,14 +290,17 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
             if drop_rate:
                 keep = torch.rand(batch, generator=generator, device=g.device) >= drop_rate
                 g = g * keep.to(g.dtype)
-            x = block(x) if mode == "all" else run_masked(block, x, g)  # (B, C, H, W)
+            with backbone:
+                x = block(x) if mode == "all" else run_masked(block, x, g)  # (B, C, H, W)
             probs.append(torch.sigmoid(logit))
             gs.append(g)
             if lp is not None:
                 log_probs.append(lp)
         dec = torch.stack(gs, 1).detach()  # (B, N)
+        with backbone:
+            logits = self._head(x)
         return SkipNetOutput(
-            logits=self._head(x),
+            logits=logits,
             probs=torch.stack(probs, 1),
             decisions=dec,
             log_probs=torch.stack(log_probs, 1) if log_probs else None,

@@ -108,6 +108,9 @@ class TrainSection:
     backbone_path: str = "sampled"  # HRL: the path whose cross-entropy trains the backbone: sampled (the
     # paper) | greedy (ours: the decisions inference takes, without exploration, from a second forward pass with
     # gradients; the gates still learn by REINFORCE from the sampled paths)
+    rl_backbone: bool = True  # HRL: the REINFORCE, rate and entropy terms reach the backbone through the gates'
+    # inputs (the paper). false (ours; needs backbone_path greedy): the gates read the sampled pass's features
+    # without gradient, so that pass runs without the backbone's autograd (about half an HRL step's time)
     freeze_bn: bool = False  # keep BatchNorm statistics fixed during HRL / calibrate
     cost: str = "uniform"  # C_j: uniform (paper: every block costs 1) | macs (relative block MACs, mean 1)
     baseline: str = "none"  # none (paper) | ema (per-gate moving average of the returns) | greedy (ours,
@@ -208,6 +211,9 @@ class TrainSection:
             raise ValueError(f"target_ramp is a share of the stage in [0, 1]; got {self.target_ramp}")
         if self.backbone_path not in ("sampled", "greedy"):
             raise ValueError(f"backbone_path must be 'sampled' or 'greedy'; got {self.backbone_path!r}")
+        if not self.rl_backbone and self.backbone_path != "greedy":
+            raise ValueError("rl_backbone: false goes with backbone_path: greedy (on the sampled path the "
+                             "backbone's cross-entropy needs that pass's gradients)")
         if self.baseline not in ("none", "ema", "greedy"):
             raise ValueError(f"baseline must be 'none', 'ema' or 'greedy'; got {self.baseline!r}")
         if self.gate_optimizer not in ("sgd", "adam"):

@@ -177,7 +177,9 @@ class ReinforceStage(Stage):
     cross-entropy is taken on each image's greedy path instead of its sampled one (a second forward pass
     with gradients before the one backward; under DDP too, tests/test_distributed.py checks its gradient).
     The gates read the backbone's features, so the REINFORCE, rate and entropy terms reach the backbone through
-    the gate inputs too (as in the paper)."""
+    the gate inputs too (as in the paper); with ``rl_backbone`` false (ours, with the greedy backbone path) they
+    do not, the backbone learns from the greedy path's cross-entropy alone, and the sampled pass runs without
+    the backbone's autograd."""
 
     name = "reinforce"
     draws_random = True
@@ -222,7 +224,7 @@ class ReinforceStage(Stage):
 
     def loss(self, net, x, y, generator):
         cfg = self.cfg
-        out = net(x, "sample", explore=cfg.explore, generator=generator)
+        out = net(x, "sample", explore=cfg.explore, generator=generator, backbone_grad=cfg.rl_backbone)
         alpha = self.alpha()
         baseline, greedy_macs = None, None
         if cfg.baseline == "greedy":
