@@ -107,6 +107,27 @@ def test_greedy_mode_gives_gates_no_gradient(gate):
     assert all(g is None or g.abs().sum() == 0 for _, g in grads)
 
 
+@pytest.mark.parametrize("gate", GATES)
+def test_backbone_grad_false_gives_the_same_pass_with_gradients_for_the_gates_only(gate):
+    # backbone_grad=False: the same logits, probabilities and sampled decisions, but the stem, blocks and head
+    # record no autograd -- the log-probabilities' gradient reaches the gates' parameters and nothing else.
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet14", gate=gate).train()
+    x = torch.randn(8, 3, 32, 32)
+    ref = model(x, "sample", generator=torch.Generator().manual_seed(3))
+    out = model(x, "sample", generator=torch.Generator().manual_seed(3), backbone_grad=False)
+    for a, b in [(ref.logits, out.logits), (ref.probs, out.probs), (ref.decisions, out.decisions)]:
+        torch.testing.assert_close(a, b)
+    assert not out.logits.requires_grad
+    out.log_probs.sum().backward()
+    for name, p in model.named_parameters():
+        if name.startswith("gates."):
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None, f"{name} got a gradient"
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("gates."))
+
+
 def test_log_probs_match_torch_bernoulli():
     torch.manual_seed(0)
     model = create_model("cifar_resnet20", gate="rnn").train()
