@@ -220,31 +220,39 @@ def test_rate_loss_under_the_shared_budget_pulls_every_gate_to_the_common_rate(t
     assert steps[-1]["gate_rates"] == pytest.approx([common, common], abs=0.1)
 
 
+def _hrl_step_gradients(sp_run: Path, x: torch.Tensor, y: torch.Tensor, **train) -> tuple[dict, dict]:
+    """One ReinforceStage step from the SP run's weights with these settings: every parameter's gradient, and
+    those of the greedy path's mean cross-entropy alone on the same weights in the same (training) mode."""
+    import copy
+
+    import torch.nn.functional as F
+
+    cfg = _config("hrl", init=str(sp_run), **train)
+    model = load_model(sp_run)
+    stage = make_stage(cfg.train, model, model.mac_table((12, 12)), 4, torch.device("cpu"))
+    stage.train_mode(model)
+    reference = copy.deepcopy(model)
+    total, _ = stage.loss(model, x, y, torch.Generator().manual_seed(1))
+    total.backward()
+    F.cross_entropy(reference(x, "greedy", tau=0.5).logits, y).backward()
+    return ({n: p.grad.clone() for n, p in model.named_parameters()},
+            {n: p.grad for n, p in reference.named_parameters()})
+
+
 def test_hrl_backbone_path_greedy_takes_the_cross_entropy_on_the_greedy_path(sp_run):
     # backbone_path greedy (ours): the backbone's cross-entropy comes from each image's greedy path (training
     # mode), not from the sampled one. With the REINFORCE weight at 0 the step's gradient must equal that of the
     # greedy path's mean CE alone; with the paper's sampled path (exploration 0.4: a fifth of the decisions
     # flipped) it must differ. Fails if the greedy pass does not reach the loss or the sampled CE still does.
-    import copy
-
-    import torch.nn.functional as F
-
     torch.manual_seed(0)
     x, y = torch.randn(16, 1, 12, 12), torch.arange(16) % 4
     grads = {}
     for path in ("greedy", "sampled"):
-        cfg = _config("hrl", init=str(sp_run), backbone_path=path, rl_weight=0.0, explore=0.4, rl_reduction="mean")
-        model = load_model(sp_run)
-        stage = make_stage(cfg.train, model, model.mac_table((12, 12)), 4, torch.device("cpu"))
-        stage.train_mode(model)
-        reference = copy.deepcopy(model)
-        total, _ = stage.loss(model, x, y, torch.Generator().manual_seed(1))
-        total.backward()
-        grads[path] = {n: p.grad.clone() for n, p in model.named_parameters() if not n.startswith("gates.")}
-    F.cross_entropy(reference(x, "greedy", tau=0.5).logits, y).backward()
-    want = {n: p.grad for n, p in reference.named_parameters() if not n.startswith("gates.")}
-    for n, g in grads["greedy"].items():
-        torch.testing.assert_close(g, want[n], msg=n)
+        grads[path], ce = _hrl_step_gradients(sp_run, x, y, backbone_path=path, rl_weight=0.0, explore=0.4,
+                                              rl_reduction="mean")
+    want = {n: g for n, g in ce.items() if not n.startswith("gates.")}
+    for n in want:
+        torch.testing.assert_close(grads["greedy"][n], want[n], msg=n)
     assert not all(torch.allclose(grads["sampled"][n], want[n]) for n in want)
     with pytest.raises(ValueError, match="backbone_path must be"):
         _config("hrl", backbone_path="fixed")
@@ -255,28 +263,16 @@ def test_hrl_rl_backbone_false_keeps_the_policy_terms_off_the_backbone(sp_run):
     # autograd, so the backbone's gradient is the greedy path's cross-entropy alone, while the gates' gradient
     # (REINFORCE, rate loss) is what it is with the terms reaching the backbone too. Fails if a policy term
     # still reaches the backbone, or if the gates stop learning or learn something else.
-    import copy
-
-    import torch.nn.functional as F
-
     torch.manual_seed(0)
     x, y = torch.randn(16, 1, 12, 12), torch.arange(16) % 4
     grads = {}
     for attached in (True, False):
-        cfg = _config("hrl", init=str(sp_run), backbone_path="greedy", rl_backbone=attached, rl_weight=1.0,
-                      explore=0.2, rl_reduction="mean", baseline="greedy", alpha=0.5, target_macs=0.7,
-                      rate_loss=1.0)
-        model = load_model(sp_run)
-        stage = make_stage(cfg.train, model, model.mac_table((12, 12)), 4, torch.device("cpu"))
-        stage.train_mode(model)
-        reference = copy.deepcopy(model)
-        total, _ = stage.loss(model, x, y, torch.Generator().manual_seed(1))
-        total.backward()
-        grads[attached] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    F.cross_entropy(reference(x, "greedy", tau=0.5).logits, y).backward()
+        grads[attached], ce = _hrl_step_gradients(sp_run, x, y, backbone_path="greedy", rl_backbone=attached,
+                                                  rl_weight=1.0, explore=0.2, rl_reduction="mean",
+                                                  baseline="greedy", alpha=0.5, target_macs=0.7, rate_loss=1.0)
     backbone = [n for n in grads[False] if not n.startswith("gates.")]
     for n in backbone:
-        torch.testing.assert_close(grads[False][n], reference.get_parameter(n).grad, msg=n)
+        torch.testing.assert_close(grads[False][n], ce[n], msg=n)
     assert not all(torch.allclose(grads[True][n], grads[False][n]) for n in backbone)
     gates = [n for n in grads[False] if n.startswith("gates.")]
     assert any(grads[False][n].abs().sum() > 0 for n in gates)

@@ -10,6 +10,7 @@ mode and the executor are chosen per call; the model holds no per-call state.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from dataclasses import asdict, dataclass
 
@@ -267,7 +268,7 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
         table, mode, fixed = self.prepare(x, mode, executor="masked", tau=tau, decisions=decisions,
                                           temperature=temperature, drop_rate=drop_rate)
         batch = x.shape[0]
-        backbone = torch.enable_grad() if backbone_grad and torch.is_grad_enabled() else torch.no_grad()
+        backbone = contextlib.nullcontext() if backbone_grad else torch.no_grad()
         with backbone:
             x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, C0, H', W')
         if self.gates is None:

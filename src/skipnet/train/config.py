@@ -110,7 +110,7 @@ class TrainSection:
     # gradients; the gates still learn by REINFORCE from the sampled paths)
     rl_backbone: bool = True  # HRL: the REINFORCE, rate and entropy terms reach the backbone through the gates'
     # inputs (the paper). false (ours; needs backbone_path greedy): the gates read the sampled pass's features
-    # without gradient, so that pass runs without the backbone's autograd (about half an HRL step's time)
+    # without gradient, so that pass runs without the backbone's autograd (a third less time per HRL step)
     freeze_bn: bool = False  # keep BatchNorm statistics fixed during HRL / calibrate
     cost: str = "uniform"  # C_j: uniform (paper: every block costs 1) | macs (relative block MACs, mean 1)
     baseline: str = "none"  # none (paper) | ema (per-gate moving average of the returns) | greedy (ours,
