@@ -3,6 +3,10 @@ measured by the same recipe for the same total epochs, on one plot and one table
 
     python benchmarks/tradeoff.py --data fashion_mnist            # about 30 minutes on 2 CPU cores
     python benchmarks/tradeoff.py --data cifar10 --data-root ../shared/datasets/cifar10-jpeg   # ~8 hours
+    python benchmarks/tradeoff.py --data fashion_mnist --sp-epochs 2 --hrl-epochs 6   # another budget
+
+Another budget (``--sp-epochs``/``--hrl-epochs``) trains every series for SP + stage 2 epochs in all, into
+its own folders (``runs/tradeoff-<data>-sp2-hrl6``, ``docs/tradeoff/<data>-sp2-hrl6``).
 
 Trains (or, when a run folder is already complete, reuses; an interrupted one is resumed):
   * the plain ResNets of several depths (the static line), for the SkipNet's total epochs (SP + HRL);
@@ -133,16 +137,27 @@ def main() -> int:
     p.add_argument("--no-rivals", action="store_true", help="leave out ACT, SACT and SDV (trained or not)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: the table and plot of the runs finished so far, the others listed as missing")
+    p.add_argument("--sp-epochs", type=float, default=None,
+                   help="another budget: SP's epochs (default: the SP recipe's); every series then trains for "
+                        "SP + stage 2 epochs in all, SP and stage 2 sharing one cosine over them")
+    p.add_argument("--hrl-epochs", type=float, default=None,
+                   help="another budget: the learned stage's (and calibrate's) epochs (default: the HRL recipe's)")
     args = p.parse_args()
     plan = PLANS[args.data]
-    runs = Path(args.runs or f"runs/tradeoff-{args.data}")
-    out = Path(args.out or f"docs/tradeoff/{args.data}")
     root = [f"data.root={args.data_root}"] if args.data_root else []
+    sp_epochs = args.sp_epochs or load_config(plan["sp"], root).train.epochs
+    hrl_epochs = args.hrl_epochs or load_config(plan["hrl"], root).train.epochs
+    total = sp_epochs + hrl_epochs
+    # another budget than the recipes' gets its own run and results folders: the two never mix
+    budget = "" if (args.sp_epochs, args.hrl_epochs) == (None, None) else f"-sp{sp_epochs:g}-hrl{hrl_epochs:g}"
+    runs = Path(args.runs or f"runs/tradeoff-{args.data}{budget}")
+    out = Path(args.out or f"docs/tradeoff/{args.data}{budget}")
     start = time.perf_counter()
-
-    sp_cfg = load_config(plan["sp"], root)
-    hrl_cfg = load_config(plan["hrl"], root)
-    total = sp_cfg.train.epochs + hrl_cfg.train.epochs
+    # SP runs the first sp_epochs of the cosine, the stage from it (HRL, calibrate) the rest
+    sp_budget = [f"train.epochs={sp_epochs}", f"train.cosine_epochs={total}"]
+    tail = [f"train.epochs={hrl_epochs}", f"train.cosine_epochs={total}", f"train.cosine_start={sp_epochs}"]
+    sp_cfg = load_config(plan["sp"], root + sp_budget)
+    hrl_cfg = load_config(plan["hrl"], root + tail)
     data = None if args.report_only else load_data(sp_cfg)
     log: list[dict] = []
     missing: list[str] | None = [] if args.report_only else None
@@ -150,12 +165,13 @@ def main() -> int:
     def stage(recipe: str, name: str, overrides: list[str]) -> Path | None:
         return run_stage(recipe, runs / name, overrides, data, log, missing)
 
-    sp = stage(plan["sp"], "sp", root)  # None only under --report-only: then the stages from it are missing too
-    init = [f"train.init={runs / 'sp'}"]
+    sp = stage(plan["sp"], "sp", root + sp_budget)  # None only under --report-only: then the stages from it too
+    init = [f"train.init={runs / 'sp'}"] + tail
     hrl = [stage(plan["hrl"], f"hrl-t{t:g}", root + init + [f"train.target_macs={t}"]) for t in plan["targets"]]
     seeds = [stage(plan["hrl"], f"hrl-t{plan['seeds_at']:g}-seed{s}",
                    root + init + [f"train.target_macs={plan['seeds_at']}", f"train.seed={s}"]) for s in plan["seeds"]]
-    paper = stage(plan["hrl_paper"], "hrl-paper", root + init + plan.get("hrl_paper_overrides", []))
+    paper = stage(plan["hrl_paper"], "hrl-paper",  # the paper's objective runs its own schedule from SP
+                  root + [f"train.init={runs / 'sp'}"] + plan.get("hrl_paper_overrides", []))
     calibrate = [stage(plan["calibrate"], f"calibrate-t{t:g}", root + init + [f"train.target_macs={t}"])
                  for t in plan["targets"][:2]]
     plain = [stage(plan["baseline"], f"plain-{name.removeprefix('cifar_')}",
@@ -164,10 +180,9 @@ def main() -> int:
                     for run, overrides in learned_set_plans(hrl + seeds, total)]
     rivals = []
     for method, (recipe, key, values) in ({} if args.no_rivals else plan["rivals"]).items():
-        if load_config(recipe, root).train.epochs != total:
-            raise ValueError(f"recipe {recipe} trains {load_config(recipe, root).train.epochs:g} epochs, not the "
-                             f"SkipNet's {total:g}: the comparison needs the same budget")
-        rivals += [stage(recipe, f"{method}-{v:g}", root + [f"train.{key}={v}"]) for v in values]
+        # from scratch, one cosine over the SkipNet's total epochs: the same budget
+        rivals += [stage(recipe, f"{method}-{v:g}", root + [f"train.{key}={v}", f"train.epochs={total}"])
+                   for v in values]
 
     hrl_done = [r for r in hrl if r is not None]
     runs_done = [str(r) for r in hrl + seeds + [paper] + calibrate + learned_sets + rivals if r is not None]
