@@ -18,7 +18,7 @@ from skipnet.train.hrl import (
     needed_shift,
     uniform_gate_rate,
 )
-from skipnet.train.losses import target_rate_loss
+from skipnet.train.losses import distill_loss, target_rate_loss
 
 LN2, LN43 = math.log(2.0), math.log(4.0 / 3.0)
 
@@ -395,3 +395,16 @@ def test_model_sample_mode_with_explore_reports_the_log_prob_of_the_acting_polic
     p = plain.probs.double()
     torch.testing.assert_close(plain.log_probs.double(), torch.where(plain.decisions == 1, p.log(), (1 - p).log()),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_distill_loss_by_hand():
+    # Teacher (ln 3, 0): p = (3/4, 1/4); student (0, 0): q = (1/2, 1/2). KL(p || q) = 3/4 ln(3/2) + 1/4 ln(1/2)
+    # for image 0; image 1 has student = teacher: 0. Batch mean: half of image 0's. The teacher gets no gradient;
+    # the student's is (q - p) / B.
+    teacher = torch.tensor([[math.log(3.0), 0.0], [1.0, -1.0]], requires_grad=True)
+    student = torch.tensor([[0.0, 0.0], [1.0, -1.0]], requires_grad=True)
+    loss = distill_loss(student, teacher)
+    assert loss.item() == pytest.approx((0.75 * math.log(1.5) + 0.25 * math.log(0.5)) / 2)
+    loss.backward()
+    assert teacher.grad is None
+    torch.testing.assert_close(student.grad, torch.tensor([[-0.125, 0.125], [0.0, 0.0]]))

@@ -220,9 +220,11 @@ def test_rate_loss_under_the_shared_budget_pulls_every_gate_to_the_common_rate(t
     assert steps[-1]["gate_rates"] == pytest.approx([common, common], abs=0.1)
 
 
-def _hrl_step_gradients(sp_run: Path, x: torch.Tensor, y: torch.Tensor, **train) -> tuple[dict, dict]:
+def _hrl_step_gradients(sp_run: Path, x: torch.Tensor, y: torch.Tensor, reference_loss=None,
+                        buffers: dict | None = None, **train) -> tuple[dict, dict]:
     """One ReinforceStage step from the SP run's weights with these settings: every parameter's gradient, and
-    those of the greedy path's mean cross-entropy alone on the same weights in the same (training) mode."""
+    those of ``reference_loss(model, x, y)`` (default: the greedy path's mean cross-entropy alone) on the same
+    weights in the same (training) mode. ``buffers``, when given, receives the model's buffers after the step."""
     import copy
 
     import torch.nn.functional as F
@@ -234,7 +236,11 @@ def _hrl_step_gradients(sp_run: Path, x: torch.Tensor, y: torch.Tensor, **train)
     reference = copy.deepcopy(model)
     total, _ = stage.loss(model, x, y, torch.Generator().manual_seed(1))
     total.backward()
-    F.cross_entropy(reference(x, "greedy", tau=0.5).logits, y).backward()
+    if buffers is not None:
+        buffers.update({n: b.clone() for n, b in model.named_buffers()})
+    if reference_loss is None:
+        reference_loss = lambda net, x, y: F.cross_entropy(net(x, "greedy", tau=0.5).logits, y)  # noqa: E731
+    reference_loss(reference, x, y).backward()
     return ({n: p.grad.clone() for n, p in model.named_parameters()},
             {n: p.grad for n, p in reference.named_parameters()})
 
@@ -280,6 +286,39 @@ def test_hrl_rl_backbone_false_keeps_the_policy_terms_off_the_backbone(sp_run):
         torch.testing.assert_close(grads[False][n], grads[True][n], msg=n)
     with pytest.raises(ValueError, match="rl_backbone: false goes with backbone_path: greedy"):
         _config("hrl", rl_backbone=False)
+
+
+def test_hrl_distill_teaches_the_greedy_path_from_the_all_blocks_path(sp_run):
+    # distill (ours, with the greedy backbone path): the backbone's loss is CE on the all-blocks path plus
+    # (1 - d) CE + d KL(all-blocks || greedy) on the greedy path, the all-blocks prediction a fixed target, and
+    # the all-blocks pass leaves the BatchNorm statistics as the sampled and greedy passes make them. With the
+    # REINFORCE weight at 0 the backbone's gradient must be exactly that; fails if the teacher is missing,
+    # differentiated through the KL, weighted otherwise, or moves the running statistics.
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 12, 12), torch.arange(16) % 4
+    d = 0.7
+
+    def reference(net, x, y):
+        student = net(x, "greedy", tau=0.5).logits
+        teacher = net(x, "all").logits
+        kl = F.kl_div(F.log_softmax(student, 1), F.softmax(teacher.detach(), 1), reduction="batchmean")
+        return F.cross_entropy(teacher, y) + (1 - d) * F.cross_entropy(student, y) + d * kl
+
+    common = dict(backbone_path="greedy", rl_backbone=False, rl_weight=0.0, explore=0.2, rl_reduction="mean")
+    with_teacher, without = {}, {}
+    grads, want = _hrl_step_gradients(sp_run, x, y, reference, buffers=with_teacher, distill=d, **common)
+    _hrl_step_gradients(sp_run, x, y, buffers=without, **common)
+    backbone = [n for n in grads if not n.startswith("gates.")]
+    for n in backbone:
+        torch.testing.assert_close(grads[n], want[n], msg=n)
+    for n in without:  # the running statistics are those of the same step without the teacher
+        torch.testing.assert_close(with_teacher[n], without[n], msg=n)
+    with pytest.raises(ValueError, match="distill goes with backbone_path: greedy"):
+        _config("hrl", distill=0.5)
+    with pytest.raises(ValueError, match="distill is a mixing weight"):
+        _config("hrl", backbone_path="greedy", distill=1.5)
 
 
 def test_sp_with_sampled_gates_and_the_rate_loss_trains_routed_paths_at_the_target(tmp_path):

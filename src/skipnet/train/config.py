@@ -111,6 +111,10 @@ class TrainSection:
     rl_backbone: bool = True  # HRL: the REINFORCE, rate and entropy terms reach the backbone through the gates'
     # inputs (the paper). false (ours; needs backbone_path greedy): the gates read the sampled pass's features
     # without gradient, so that pass runs without the backbone's autograd (a third less time per HRL step)
+    distill: float = 0.0  # HRL with backbone_path greedy (ours; in-place distillation after slimmable networks):
+    # the all-blocks path also trains by cross-entropy, and the greedy path's loss is (1 - distill) CE +
+    # distill KL(all-blocks || greedy), the all-blocks prediction as a fixed target. The all-blocks pass leaves
+    # the BatchNorm statistics alone (inference runs the greedy paths)
     freeze_bn: bool = False  # keep BatchNorm statistics fixed during HRL / calibrate
     cost: str = "uniform"  # C_j: uniform (paper: every block costs 1) | macs (relative block MACs, mean 1)
     baseline: str = "none"  # none (paper) | ema (per-gate moving average of the returns) | greedy (ours,
@@ -214,6 +218,11 @@ class TrainSection:
         if not self.rl_backbone and self.backbone_path != "greedy":
             raise ValueError("rl_backbone: false goes with backbone_path: greedy (on the sampled path the "
                              "backbone's cross-entropy needs that pass's gradients)")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill is a mixing weight in [0, 1]; got {self.distill}")
+        if self.distill and self.backbone_path != "greedy":
+            raise ValueError("distill goes with backbone_path: greedy (it distills the all-blocks path into the "
+                             "greedy one)")
         if self.baseline not in ("none", "ema", "greedy"):
             raise ValueError(f"baseline must be 'none', 'ema' or 'greedy'; got {self.baseline!r}")
         if self.gate_optimizer not in ("sgd", "adam"):

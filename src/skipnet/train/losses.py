@@ -11,6 +11,8 @@
   image's own log-probabilities; the batch reduction of the REINFORCE term is explicit.
 * :func:`target_rate_loss` -- ConvNet-AIG's target-rate loss (ours here, in SP and HRL): each gate's mean
   probability over the batch pulled to its target execution rate, mean_j (mean_b p_{b,j} - t_j)^2.
+* :func:`distill_loss` -- in-place distillation (ours here, in HRL; Yu & Huang's slimmable networks): the
+  KL divergence of a path's prediction from the all-blocks path's, the teacher not differentiated.
 * :func:`ponder_loss` -- ACT / SACT (the rivals, SPEC §10): cross-entropy plus tau times the ponder cost.
 """
 
@@ -32,6 +34,13 @@ def target_rate_loss(probs: Tensor, targets: Tensor | float) -> Tensor:
     """mean_j (mean_b p_{b,j} - t_j)^2 for gate probabilities ``probs`` (B, N) and targets (N,) or one number,
     computed in float32."""
     return (probs.float().mean(0) - targets).square().mean()
+
+
+def distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """KL(softmax(teacher) || softmax(student)) per image, averaged over the batch, in float32; no gradient
+    reaches ``teacher``."""
+    target = F.log_softmax(teacher.detach().float(), 1)
+    return F.kl_div(F.log_softmax(student.float(), 1), target, reduction="batchmean", log_target=True)
 
 
 def per_gate_returns(

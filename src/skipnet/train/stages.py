@@ -20,6 +20,7 @@ A stage is a thin object over the pure losses of :mod:`.losses` and the controll
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from ..cost import MacTable
 from ..models import SkipResNet
 from .hrl import AlphaController, GateBaseline, GateRateController, ThresholdController, uniform_gate_rate
-from .losses import hrl_loss, per_gate_returns, ponder_loss, target_rate_loss
+from .losses import distill_loss, hrl_loss, per_gate_returns, ponder_loss, target_rate_loss
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -44,6 +45,23 @@ def freeze_batchnorm(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+
+
+@contextlib.contextmanager
+def bn_stats_kept(model: nn.Module):
+    """Training-mode passes inside leave every BatchNorm's running statistics as they were (momentum 0)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def block_savings(table: MacTable) -> Tensor:
@@ -179,7 +197,8 @@ class ReinforceStage(Stage):
     The gates read the backbone's features, so the REINFORCE, rate and entropy terms reach the backbone through
     the gate inputs too (as in the paper); with ``rl_backbone`` false (ours, with the greedy backbone path) they
     do not, the backbone learns from the greedy path's cross-entropy alone, and the sampled pass runs without
-    the backbone's autograd."""
+    the backbone's autograd. With ``distill`` (ours, with the greedy path) the all-blocks path also trains by
+    cross-entropy and teaches the greedy one (in-place distillation, :func:`.losses.distill_loss`)."""
 
     name = "reinforce"
     draws_random = True
@@ -240,7 +259,14 @@ class ReinforceStage(Stage):
                         cap=cfg.skip_cap)
         total = loss.total
         if greedy:  # the backbone learns the paths inference takes (training mode: batch statistics, as above)
-            total = total + self._ce(net(x, "greedy", tau=cfg.tau).logits, y)
+            logits = net(x, "greedy", tau=cfg.tau).logits
+            if cfg.distill:  # and the all-blocks path, which teaches the greedy one
+                with bn_stats_kept(net):
+                    teacher = net(x, "all").logits
+                total = total + self._ce(teacher, y) + (1 - cfg.distill) * self._ce(logits, y)
+                total = total + cfg.distill * distill_loss(logits, teacher)
+            else:
+                total = total + self._ce(logits, y)
         if cfg.entropy:  # a bonus on the policy's entropy (mean over images and gates) keeps gates from saturating
             p = out.probs.float().clamp(1e-6, 1 - 1e-6)
             total = total - cfg.entropy * -(p * p.log() + (1 - p) * (1 - p).log()).mean()
