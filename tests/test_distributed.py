@@ -82,6 +82,9 @@ VARIANTS = {
     # ... and the sampled pass without the backbone's autograd (rl_backbone false): a partly grad-free forward
     "greedy-backbone-detached": {"rl_reduction": "mean", "rl_weight": 1.0, "baseline": "greedy", "alpha": 0.5,
                                  "backbone_path": "greedy", "rl_backbone": False},
+    # ... and the all-blocks path teaching the greedy one (distill): a third forward pass before the backward
+    "greedy-distill": {"rl_reduction": "mean", "rl_weight": 1.0, "baseline": "greedy", "alpha": 0.5,
+                       "backbone_path": "greedy", "rl_backbone": False, "distill": 0.5},
 }
 _TABLE: dict = {}  # per process: the decisions of its images (B, N), and the next gate's index
 
