@@ -38,6 +38,8 @@ import torch
 
 from skipnet.reporting import carry_recorded, make_sweep, plot_table, static_block_set, sweep_markdown
 from skipnet.train import load_checkpoint, load_config, load_model, train
+from skipnet.train.config import build_config
+from skipnet.train.runs import config_differences
 from skipnet.train.trainer import load_data
 
 PLANS = {
@@ -47,10 +49,10 @@ PLANS = {
         "plain": ["cifar_resnet8", "cifar_resnet14", "cifar_resnet20"],
         "targets": [0.55, 0.65, 0.75], "seeds_at": 0.65, "seeds": [1, 2],
         "taus": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
-        # method: (recipe, the train key swept, its values); each recipe's epochs must be the SkipNet's total.
+        # method: (recipe, the train key swept, its values); each trains for the SkipNet's total epochs.
         # Halting units start at h ~ 0.05 (bias -3, the authors') and their bias moves ~ lr * tau * h(1 - h) per
-        # step: in 1.9k steps tau 0.01 barely halts (0.3 epochs at tau 0.05 took ResNet-20's ponder cost from
-        # 11.7 to 11.25 of 12), so this sweep reaches higher than the authors' 0.01 for 100k steps.
+        # step: in 4 epochs' 1.9k steps tau 0.01 barely halts (0.3 epochs at tau 0.05 took ResNet-20's ponder
+        # cost from 11.7 to 11.25 of 12), so this sweep reaches higher than the authors' 0.01 for 100k steps.
         "rivals": {"act": ("fashion_mnist_act", "ponder_cost", [0.01, 0.02, 0.05, 0.1]),
                    "sact": ("fashion_mnist_sact", "ponder_cost", [0.01, 0.02, 0.05, 0.1]),
                    "sdv": ("fashion_mnist_sdv", "drop_rate", [0.2, 0.35, 0.5])},
@@ -108,7 +110,13 @@ def run_stage(recipe: str, run: Path, overrides: list[str], data, log: list[dict
     """Train ``recipe`` into ``run`` unless it is complete there; resume it when it was interrupted. With a
     ``missing`` list (``--report-only``) nothing is trained: an unfinished run is added to it and ``None``
     returned."""
-    if finished(run):
+    if finished(run):  # reused only when it was trained as asked now (its SP run may live elsewhere: init aside)
+        saved = build_config(load_checkpoint(run / "checkpoints" / "last.pt")["run_config"])
+        differ = [d for d in config_differences(saved, load_config(recipe, overrides))
+                  if not d.startswith("train.init:")]
+        if differ:
+            raise SystemExit(f"{run} is finished but was trained otherwise ({'; '.join(differ[:6])}): another "
+                             "budget or recipe -- pass another --runs folder")
         print(f"[reuse] {run}", flush=True)
         return run
     if missing is not None:
@@ -145,15 +153,17 @@ def main() -> int:
     args = p.parse_args()
     plan = PLANS[args.data]
     root = [f"data.root={args.data_root}"] if args.data_root else []
-    sp_epochs = args.sp_epochs or load_config(plan["sp"], root).train.epochs
-    hrl_epochs = args.hrl_epochs or load_config(plan["hrl"], root).train.epochs
+    sp_epochs = load_config(plan["sp"], root).train.epochs if args.sp_epochs is None else args.sp_epochs
+    hrl_epochs = load_config(plan["hrl"], root).train.epochs if args.hrl_epochs is None else args.hrl_epochs
+    if sp_epochs <= 0 or hrl_epochs <= 0:
+        raise SystemExit(f"--sp-epochs and --hrl-epochs must be positive; got {sp_epochs:g} and {hrl_epochs:g}")
     total = sp_epochs + hrl_epochs
     # another budget than the recipes' gets its own run and results folders: the two never mix
     budget = "" if (args.sp_epochs, args.hrl_epochs) == (None, None) else f"-sp{sp_epochs:g}-hrl{hrl_epochs:g}"
     runs = Path(args.runs or f"runs/tradeoff-{args.data}{budget}")
     out = Path(args.out or f"docs/tradeoff/{args.data}{budget}")
     start = time.perf_counter()
-    # SP runs the first sp_epochs of the cosine, the stage from it (HRL, calibrate) the rest
+    # SP runs the first sp_epochs of the cosine, the stage from it (HRL, calibrate: their recipes agree) the rest
     sp_budget = [f"train.epochs={sp_epochs}", f"train.cosine_epochs={total}"]
     tail = [f"train.epochs={hrl_epochs}", f"train.cosine_epochs={total}", f"train.cosine_start={sp_epochs}"]
     sp_cfg = load_config(plan["sp"], root + sp_budget)

@@ -321,6 +321,28 @@ def test_hrl_distill_teaches_the_greedy_path_from_the_all_blocks_path(sp_run):
         _config("hrl", backbone_path="greedy", distill=1.5)
 
 
+def test_bn_stats_kept_leaves_running_statistics_and_momentum_as_they_were():
+    # exponential (momentum 0.1) and cumulative (momentum None) averaging alike, and after an error inside
+    from skipnet.train.stages import bn_stats_kept
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3, momentum=None)).train()
+    net(torch.randn(4, 3, 5, 5) + 2)  # statistics away from their initial values
+    before = {n: b.clone() for n, b in net.named_buffers()}
+    with bn_stats_kept(net):
+        out = net(torch.randn(4, 3, 5, 5) * 3)
+    assert out.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="inside"):
+        with bn_stats_kept(net):
+            net(torch.randn(4, 3, 5, 5))
+            raise RuntimeError("inside")
+    for n, b in net.named_buffers():
+        torch.testing.assert_close(b, before[n], msg=n)
+    assert (net[0].momentum, net[1].momentum) == (0.1, None)
+    net(torch.randn(4, 3, 5, 5))  # and outside, they move again
+    assert not torch.equal(net[0].running_mean, before["0.running_mean"])
+
+
 def test_sp_with_sampled_gates_and_the_rate_loss_trains_routed_paths_at_the_target(tmp_path):
     # SP's own variant (ours, after ConvNet-AIG): decisions sampled from Bernoulli(p) with a straight-through
     # relaxed gradient, and each gate's mean probability pulled to the one rate that spends target_macs. From
