@@ -55,8 +55,9 @@ def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_
     hrl_over += cosine + [f"train.epochs={hrl_epochs}", f"train.cosine_start={sp_epochs}"]
     hrl_over += [f"train.target_macs={target_macs}"] if target_macs else []
     hrl = load_config("fashion_mnist_hrl", hrl_over)
+    taught = f", taught by the all-blocks path (distill {hrl.train.distill:g})" if hrl.train.distill else ""
     echo(f"stage 2/2 -- HRL: learned routing (sampled gates trained by REINFORCE, backbone by cross-entropy on "
-         f"the {hrl.train.backbone_path} paths), {hrl.train.epochs:g} epochs, expected-MAC target "
+         f"the {hrl.train.backbone_path} paths{taught}), {hrl.train.epochs:g} epochs, expected-MAC target "
          f"{hrl.train.target_macs} of the plain network")
     tau = train(hrl, out / "hrl", data=data, progress=progress)["tau"]  # fitted to the target (fit_tau)
 
