@@ -76,9 +76,13 @@ PLANS = {
 }
 
 
-def finished(run: Path) -> bool:
+def finished(run: Path) -> dict | None:
+    """The run's last checkpoint when the run is complete, else None."""
     ckpt = run / "checkpoints" / "last.pt"
-    return (run / "final.json").is_file() and ckpt.is_file() and bool(load_checkpoint(ckpt).get("finished"))
+    if not ((run / "final.json").is_file() and ckpt.is_file()):
+        return None
+    payload = load_checkpoint(ckpt)
+    return payload if payload.get("finished") else None
 
 
 def epochs_in_all(run: str | Path) -> float:
@@ -110,8 +114,9 @@ def run_stage(recipe: str, run: Path, overrides: list[str], data, log: list[dict
     """Train ``recipe`` into ``run`` unless it is complete there; resume it when it was interrupted. With a
     ``missing`` list (``--report-only``) nothing is trained: an unfinished run is added to it and ``None``
     returned."""
-    if finished(run):  # reused only when it was trained as asked now (its SP run may live elsewhere: init aside)
-        saved = build_config(load_checkpoint(run / "checkpoints" / "last.pt")["run_config"])
+    done = finished(run)
+    if done:  # reused only when it was trained as asked now (its SP run may live elsewhere: init aside)
+        saved = build_config(done["run_config"])
         differ = [d for d in config_differences(saved, load_config(recipe, overrides))
                   if not d.startswith("train.init:")]
         if differ:
@@ -176,12 +181,13 @@ def main() -> int:
         return run_stage(recipe, runs / name, overrides, data, log, missing)
 
     sp = stage(plan["sp"], "sp", root + sp_budget)  # None only under --report-only: then the stages from it too
-    init = [f"train.init={runs / 'sp'}"] + tail
+    from_sp = [f"train.init={runs / 'sp'}"]
+    init = from_sp + tail
     hrl = [stage(plan["hrl"], f"hrl-t{t:g}", root + init + [f"train.target_macs={t}"]) for t in plan["targets"]]
     seeds = [stage(plan["hrl"], f"hrl-t{plan['seeds_at']:g}-seed{s}",
                    root + init + [f"train.target_macs={plan['seeds_at']}", f"train.seed={s}"]) for s in plan["seeds"]]
     paper = stage(plan["hrl_paper"], "hrl-paper",  # the paper's objective runs its own schedule from SP
-                  root + [f"train.init={runs / 'sp'}"] + plan.get("hrl_paper_overrides", []))
+                  root + from_sp + plan.get("hrl_paper_overrides", []))
     calibrate = [stage(plan["calibrate"], f"calibrate-t{t:g}", root + init + [f"train.target_macs={t}"])
                  for t in plan["targets"][:2]]
     plain = [stage(plan["baseline"], f"plain-{name.removeprefix('cifar_')}",
