@@ -319,6 +319,8 @@ def test_hrl_distill_teaches_the_greedy_path_from_the_all_blocks_path(sp_run):
         _config("hrl", distill=0.5)
     with pytest.raises(ValueError, match="distill is a mixing weight"):
         _config("hrl", backbone_path="greedy", distill=1.5)
+    with pytest.raises(ValueError, match="stage 'calibrate' would ignore it"):
+        _config("calibrate", backbone_path="greedy", distill=0.5, target_macs=0.6)
 
 
 def test_bn_stats_kept_leaves_running_statistics_and_momentum_as_they_were():

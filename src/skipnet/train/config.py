@@ -220,6 +220,9 @@ class TrainSection:
                              "backbone's cross-entropy needs that pass's gradients)")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"distill is a mixing weight in [0, 1]; got {self.distill}")
+        if self.distill and self.stage != "hrl":
+            raise ValueError(f"distill is the hrl stage's (the all-blocks path teaching the greedy one); stage "
+                             f"{self.stage!r} would ignore it")
         if self.distill and self.backbone_path != "greedy":
             raise ValueError("distill goes with backbone_path: greedy (it distills the all-blocks path into the "
                              "greedy one)")
