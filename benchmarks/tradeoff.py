@@ -1,7 +1,7 @@
 """The evidence for (or against) SkipNet at one training budget: every alternative a user has, trained and
 measured by the same recipe for the same total epochs, on one plot and one table.
 
-    python benchmarks/tradeoff.py --data fashion_mnist            # about 30 minutes on 2 CPU cores
+    python benchmarks/tradeoff.py --data fashion_mnist            # 2-3 hours on 2 CPU cores (five HRL runs)
     python benchmarks/tradeoff.py --data cifar10 --data-root ../shared/datasets/cifar10-jpeg   # ~8 hours
     python benchmarks/tradeoff.py --data fashion_mnist --sp-epochs 2 --hrl-epochs 6   # another budget
 

@@ -9,7 +9,7 @@ import torch
 
 from skipnet import create_model
 from skipnet.cli import main
-from skipnet.demo import run_demo
+from skipnet.demo import plain_reference, run_demo
 from skipnet.reporting import (
     LEARNED_SET_SERIES,
     carry_recorded,
@@ -151,6 +151,32 @@ def test_demo_runs_end_to_end(fmnist_root, tmp_path, monkeypatch):
         assert needle in text
     assert (tmp_path / "demo" / "report" / "report.md").exists()
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["mac_reduction"] == summary["mac_reduction"]
+
+
+def test_demo_reads_the_plain_references_of_its_own_epochs_from_every_tradeoff_folder(tmp_path):
+    def row(label, macs, acc, epochs, date):
+        return {"series": "plain ResNet", "label": label, "macs": macs, "accuracy": acc, "epochs": epochs,
+                "date": date}
+    (tmp_path / "fashion_mnist").mkdir()
+    (tmp_path / "fashion_mnist-sp2.5-hrl0.5").mkdir()
+    (tmp_path / "cifar10").mkdir()
+    four = [row("R-8", 9e6, 89.0, 4.0, "2026-12-04 10:00 UTC"), row("R-14", 20e6, 91.0, 4.0, "2026-12-04 10:00 UTC"),
+            row("R-20", 31e6, 91.3, 4.0, "2026-12-04 10:00 UTC"),
+            {"series": "SkipNet (HRL)", "label": "t0.65", "macs": 20e6, "accuracy": 99.0, "epochs": 4.0}]
+    three = [row("R-14", 20e6, 90.5, 3.0, "2026-12-04 11:00 UTC"), row("R-20", 31e6, 90.7, 3.0, "2026-12-04 11:00 UTC"),
+             row("R-14", 20e6, 90.9, 4.0, "2026-12-05 09:00 UTC")]  # a newer 4-epoch R-14 than the other file's
+    (tmp_path / "fashion_mnist" / "sweep.json").write_text(json.dumps(four))
+    (tmp_path / "fashion_mnist-sp2.5-hrl0.5" / "sweep.json").write_text(json.dumps(three))
+    (tmp_path / "cifar10" / "sweep.json").write_text(json.dumps([row("R-14", 25e6, 80.0, 3.0, "2026-12-06")]))
+    ref = plain_reference(tmp_path, 19.5e6, 3.0)  # the 3-epoch rows only, never another dataset's
+    assert (ref["label"], ref["accuracy"]) == ("R-14", 90.5) and ref["source"].endswith("sp2.5-hrl0.5/sweep.json")
+    assert ref["cheaper"] is None
+    ref = plain_reference(tmp_path, 20.5e6, 4.0)  # above R-14's MACs: R-20; R-14 the newest of its two rows
+    assert (ref["label"], ref["accuracy"], ref["cheaper"]["accuracy"]) == ("R-20", 91.3, 90.9)
+    assert ref["cheaper"]["source"] != ref["source"]
+    assert plain_reference(tmp_path, 40e6, 4.0) is None and plain_reference(tmp_path, 1e6, 2.0) is None
+    assert plain_reference(tmp_path / "fashion_mnist" / "sweep.json", 1e6, 4.0)["label"] == "R-8"  # one file
+    assert plain_reference(tmp_path / "missing.json", 1e6, 4.0) is None and plain_reference(None, 1e6, 4.0) is None
 
 
 def test_bench_command_json(runs, capsys):

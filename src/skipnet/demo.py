@@ -20,9 +20,15 @@ from .reporting import measure_speed
 from .train import evaluate, load_config, load_model, random_skipping, train
 from .train.trainer import RunExistsError
 
-# Written by `python benchmarks/tradeoff.py --data fashion_mnist` (plain ResNets trained by the demo's recipe
-# for the demo's total epochs); read, not retrained, by the demo.
-REFERENCES = Path("docs/tradeoff/fashion_mnist/sweep.json")
+# Written by `python benchmarks/tradeoff.py --data fashion_mnist [--sp-epochs A --hrl-epochs B]` (plain ResNets
+# trained by the recipe for A + B epochs) into docs/tradeoff/fashion_mnist*/sweep.json; read, not retrained, by
+# the demo, which takes the plain rows of its own total epochs from whichever of these files has them.
+REFERENCES = Path("docs/tradeoff")
+
+# The demo's split of its own, shorter than the recipes' (SP 1 + HRL 3 of 4 epochs, the trade-off script's
+# budget): an HRL epoch costs about three SP epochs (a sampled pass for the policy, the greedy and all-blocks
+# passes for the backbone), and the demo is meant to take about ten minutes on two cores.
+DEMO_SP_EPOCHS, DEMO_HRL_EPOCHS = 2.5, 0.5
 
 
 def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_epochs: float | None = None,
@@ -42,8 +48,7 @@ def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_
 
     root = [f"data.root={data_root}"] if data_root else []
     # SP and HRL share one cosine (the plain ResNets' schedule): other epochs move its length and the split
-    sp_default, hrl_default = (load_config(r).train.epochs for r in ("fashion_mnist_sp", "fashion_mnist_hrl"))
-    sp_epochs, hrl_epochs = sp_epochs or sp_default, hrl_epochs or hrl_default
+    sp_epochs, hrl_epochs = sp_epochs or DEMO_SP_EPOCHS, hrl_epochs or DEMO_HRL_EPOCHS
     cosine = [f"train.cosine_epochs={sp_epochs + hrl_epochs}"]
     sp = load_config("fashion_mnist_sp", root + cosine + [f"train.epochs={sp_epochs}"])
     drop = f", random block skips {sp.train.drop_rate:g}" if sp.train.drop_rate else ""
@@ -73,6 +78,8 @@ def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_
     summary: dict[str, Any] = {
         "model": f"{hrl.model.name} ({hrl.model.gate} gates)",
         "total_epochs": total_epochs,
+        "sp_epochs": sp.train.epochs,
+        "hrl_epochs": hrl.train.epochs,
         "skipnet_accuracy": skip["accuracy"],
         "tau": tau,
         "all_blocks_accuracy": full["accuracy"],
@@ -112,20 +119,28 @@ def write_demo_report(run: Path, data, path: Path, summary: dict[str, Any], prog
 
 def plain_reference(path: str | Path | None, macs: float, epochs: float) -> dict[str, Any] | None:
     """The plain ResNet with the fewest MACs at or above ``macs`` in the trade-off script's results (trained by
-    the demo's recipe for ``epochs``), or None when the file is missing or holds no such network."""
-    if path is None or not Path(path).is_file():
-        return None
-    rows = [r for r in json.loads(Path(path).read_text()) if r.get("series") == "plain ResNet"
-            and r.get("epochs") is not None and abs(r["epochs"] - epochs) < 1e-6]
+    the recipe for ``epochs``), or None when there are none. ``path``: one sweep.json, or a folder whose
+    ``fashion_mnist*/sweep.json`` are all read (each network's newest row is taken)."""
+    path = None if path is None else Path(path)
+    files = sorted(path.glob("fashion_mnist*/sweep.json")) if path and path.is_dir() else [path]
+    newest: dict[str, dict[str, Any]] = {}
+    for file in (f for f in files if f is not None and f.is_file()):
+        for r in json.loads(file.read_text()):
+            if (r.get("series") == "plain ResNet" and r.get("epochs") is not None
+                    and abs(r["epochs"] - epochs) < 1e-6):
+                r = {**r, "source": str(file)}
+                if r["label"] not in newest or (r.get("date") or "") > (newest[r["label"]].get("date") or ""):
+                    newest[r["label"]] = r
+    rows = list(newest.values())
     above = [r for r in rows if r["macs"] >= macs]
     if not above:
         return None
     best = min(above, key=lambda r: r["macs"])
     below = [r for r in rows if r["macs"] < macs]
     cheaper = max(below, key=lambda r: r["accuracy"]) if below else None
-    return {"label": best["label"], "accuracy": best["accuracy"], "macs": best["macs"], "source": str(path),
+    return {"label": best["label"], "accuracy": best["accuracy"], "macs": best["macs"], "source": best["source"],
             "date": best.get("date"),
-            "cheaper": None if cheaper is None else {k: cheaper[k] for k in ("label", "accuracy", "macs")}}
+            "cheaper": None if cheaper is None else {k: cheaper[k] for k in ("label", "accuracy", "macs", "source")}}
 
 
 def format_summary(s: dict[str, Any]) -> list[str]:
@@ -136,13 +151,14 @@ def format_summary(s: dict[str, Any]) -> list[str]:
                     f"{ref['macs'] / 1e6:.2f}M  (difference {s['skipnet_accuracy'] - ref['accuracy']:+.2f} points; "
                     f"not trained here: read from {ref['source']}{when})")
     else:
-        ref_line = ("Plain ResNet reference:                 none at these MACs and epochs (run "
-                    "`python benchmarks/tradeoff.py --data fashion_mnist`)")
+        ref_line = ("Plain ResNet reference:                 none at these MACs and epochs (run `python "
+                    f"benchmarks/tradeoff.py --data fashion_mnist --sp-epochs {s['sp_epochs']:g} "
+                    f"--hrl-epochs {s['hrl_epochs']:g}`)")
     cheaper = (ref or {}).get("cheaper")
     if cheaper:
         ref_line += (f"\nPlain {cheaper['label']} (fewer MACs than SkipNet's):   {cheaper['accuracy']:.2f}% at "
                      f"{cheaper['macs'] / 1e6:.2f}M  (difference {s['skipnet_accuracy'] - cheaper['accuracy']:+.2f} "
-                     "points; same file)")
+                     f"points; {'same file' if cheaper.get('source') == ref['source'] else cheaper.get('source')})")
     lines = [
         "",
         f"== SkipNet demo: {s['model']} on Fashion-MNIST, {s['total_epochs']:g} epochs in all (SP + HRL) ==",
