@@ -128,7 +128,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                                     "(default: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--sp-epochs", type=float, default=None, help="SP epochs (default: the recipe's)")
     p.add_argument("--hrl-epochs", type=float, default=None, help="HRL epochs (default: the recipe's)")
-    p.add_argument("--target-macs", type=float, default=None, help="HRL compute target (default: the recipe's)")
+    p.add_argument("--target-macs", type=float, default=None, help="HRL compute target, a fraction of the plain network's MACs (default: 0.64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
