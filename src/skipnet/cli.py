@@ -126,9 +126,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="demo folder (default: runs/demo-<date-time>)")
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST idx files "
                                                     "(default: /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--sp-epochs", type=float, default=None, help="SP epochs (default: the recipe's)")
-    p.add_argument("--hrl-epochs", type=float, default=None, help="HRL epochs (default: the recipe's)")
-    p.add_argument("--target-macs", type=float, default=None, help="HRL compute target, a fraction of the plain network's MACs (default: 0.64)")
+    p.add_argument("--sp-epochs", type=float, default=None, help="SP epochs (default: the demo's, 2.5)")
+    p.add_argument("--hrl-epochs", type=float, default=None, help="HRL epochs (default: the demo's, 0.5)")
+    p.add_argument("--target-macs", type=float, default=None,
+                   help="HRL compute target, a fraction of the plain network's MACs (default: the demo's, 0.64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
