@@ -126,10 +126,12 @@ def plain_reference(path: str | Path | None, macs: float, epochs: float) -> dict
     """The plain ResNet with the fewest MACs at or above ``macs`` in the trade-off script's results (trained by
     the recipe for ``epochs``), or None when there are none. ``path``: one sweep.json, or a folder whose
     ``fashion_mnist*/sweep.json`` are all read (each network's newest row is taken)."""
-    path = None if path is None else Path(path)
-    files = sorted(path.glob("fashion_mnist*/sweep.json")) if path and path.is_dir() else [path]
+    if path is None:
+        return None
+    path = Path(path)
+    files = sorted(path.glob("fashion_mnist*/sweep.json")) if path.is_dir() else [path]
     newest: dict[str, dict[str, Any]] = {}
-    for file in (f for f in files if f is not None and f.is_file()):
+    for file in (f for f in files if f.is_file()):
         for r in json.loads(file.read_text()):
             if (r.get("series") == "plain ResNet" and r.get("epochs") is not None
                     and abs(r["epochs"] - epochs) < 1e-6):
