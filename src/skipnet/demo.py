@@ -67,11 +67,12 @@ def run_demo(out: str | Path | None = None, *, data_root: str | None = None, sp_
     echo(f"stage 2/2 -- HRL: learned routing (sampled gates trained by REINFORCE, backbone by cross-entropy on "
          f"the {hrl.train.backbone_path} paths{taught}), {hrl.train.epochs:g} epochs, expected-MAC target "
          f"{hrl.train.target_macs} of the plain network")
-    tau = train(hrl, out / "hrl", data=data, progress=progress)["tau"]  # fitted to the target (fit_tau)
+    # the run's final evaluation is the SkipNet's: greedy, on the whole test set, at tau fitted to the target
+    skip = train(hrl, out / "hrl", data=data, progress=progress)
+    tau = skip["tau"]
 
     model = load_model(out / "hrl")
     test = BatchLoader(data[1], 500, train=False)
-    skip = evaluate(model, test, mode="greedy", tau=tau, executor="compact", progress=progress)
     full = evaluate(model, test, mode="all", progress=progress)
     # the paper's random-skipping baseline: the SP weights, each block run at the SkipNet's rate, per image
     rand = random_skipping(load_model(out / "sp"), test, skip["exec_rates"], progress=progress)
