@@ -8,6 +8,8 @@
 # `skipnet train --run-dir RUN --resume`, on any device), and packs the run folders into $OUT in 15 MB parts.
 # Run from the repository root:
 #   OUT=/tmp/out DEADLINE=520 bash scripts/tradeoff-cifar10-gpu.sh
+# Rerun it to continue: finished runs are left alone, interrupted ones resume (RUNS_FROM: where earlier run
+# folders come from, e.g. a copy carried to another machine).
 # Data: the CIFAR-10 JPEG copy in ../shared/datasets/cifar10-jpeg (train.zip/test.zip, or train/ and test/), or
 # DATA_ARCHIVE, a tar.xz of train/ and test/ unpacked there (the form in which the images travelled to the GPU:
 # the JPEG files' bytes, 18.5 MB). MPS (several processes' kernels at once) is used when the driver offers it.
@@ -24,6 +26,9 @@ DATA=../shared/datasets/cifar10-jpeg
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 SK="$PY -m skipnet.cli"
 mkdir -p "$R" "$X" "$OUTD" "$DATA"
+# RUNS_FROM: a folder holding earlier run folders of $R and $X by their names (e.g. carried to the GPU machine);
+# copied in first, so that finished runs are kept and interrupted ones resume (their train.init paths are absolute)
+if [ -n "${RUNS_FROM:-}" ]; then cp -rn "$RUNS_FROM/$(basename $R)/." "$R/" 2>/dev/null; cp -rn "$RUNS_FROM/$(basename $X)/." "$X/" 2>/dev/null; fi
 if [ ! -e "$DATA/train.zip" ] && [ ! -d "$DATA/train" ]; then tar xJf "${DATA_ARCHIVE:?no CIFAR-10 in $DATA}" -C "$DATA" || exit 1; fi
 echo "data ready $(el)s: $(ls $DATA)"
 nvidia-smi --query-gpu=name,memory.used,driver_version --format=csv 2>/dev/null
@@ -77,9 +82,11 @@ if ! wave1; then
 fi
 
 PIDS=()
-launch() {  # launch DIR NAME ARGS...
+launch() {  # launch DIR NAME ARGS...: a finished run is left alone, an interrupted one resumed
   local dir=$1 name=$2; shift 2
-  ( $SK train "$@" $root --run-dir $dir/$name --no-progress > $dir/$name.log 2>&1
+  if [ -f $dir/$name/final.json ]; then echo "finished already: $name"; return; fi
+  [ -f $dir/$name/checkpoints/last.pt ] && set -- --resume
+  ( $SK train "$@" $([ "$1" = --resume ] || echo $root) --run-dir $dir/$name --no-progress >> $dir/$name.log 2>&1
     echo "$name rc=$? at $(el)s: $(grep -h 'top-1' $dir/$name.log | tail -1)" >> $R/done.txt ) &
   PIDS+=($!)
   echo "launched $name $(el)s"
