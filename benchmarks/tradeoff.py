@@ -58,7 +58,7 @@ PLANS = {
                    "sdv": ("fashion_mnist_sdv", "drop_rate", [0.2, 0.35, 0.5])},
     },
     # CIFAR-10 (the JPEG copy: --data-root ../shared/datasets/cifar10-jpeg) at the 2-core CPU's scale, 40 epochs
-    # in all (SP 30 + HRL 10); about 15 hours on 2 cores without the rivals (an HRL epoch costs about five plain
+    # in all (SP 30 + HRL 10); about 15 hours on 2 cores without the rivals (an HRL epoch costs six to eight plain
     # ones), so run it in the background (nohup) and rerun the same command after an interruption: finished
     # runs are reused, an interrupted one resumes. On one GPU the runs take minutes (docs/RESULTS.md). The
     # paper's HRL objective runs its own schedule (10k iterations from the SP network), not the 10-epoch tail.
