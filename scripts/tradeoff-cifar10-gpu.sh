@@ -64,7 +64,6 @@ PAPER_O="--set model.name=cifar_resnet38 --set data.name=imagefolder"
 # --- smoke: every stage a few steps on this device; wave 2 runs beside the real phase-1 runs
 S=/tmp/smoke; rm -rf $S; mkdir -p $S
 smoke() {
-  [ "${SKIP_SMOKE:-0}" = 1 ] && { [ $1 = sp ] && $SK train "$@" $root --run-dir $S/sp --no-progress > $S/sp.log 2>&1; return 0; }
   local name=$1; shift
   if $SK train "$@" $root --run-dir $S/$name --no-progress --set train.eval_every=0 > $S/$name.log 2>&1; then
     echo "smoke $name ok $(el)s: $(grep -h 'top-1' $S/$name.log | tail -1)"
