@@ -85,6 +85,9 @@ VARIANTS = {
     # ... and the all-blocks path teaching the greedy one (distill): a third forward pass before the backward
     "greedy-distill": {"rl_reduction": "mean", "rl_weight": 1.0, "baseline": "greedy", "alpha": 0.5,
                        "backbone_path": "greedy", "rl_backbone": False, "distill": 0.5},
+    # ... with the sampled and greedy passes compact: a block no image of a process takes has no gradient there
+    "compact": {"rl_reduction": "mean", "rl_weight": 1.0, "baseline": "greedy", "alpha": 0.5,
+                "backbone_path": "greedy", "rl_backbone": False, "executor": "compact"},
 }
 _TABLE: dict = {}  # per process: the decisions of its images (B, N), and the next gate's index
 
@@ -116,7 +119,8 @@ def _reinforce_gradients(variant: str, rank: int, world: int) -> dict[str, torch
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     cfg = _config("hrl", freeze_bn=True, **VARIANTS[variant]).train
     stage = make_stage(cfg, model, model.mac_table((12, 12)), 10, torch.device("cpu"), world)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(  # (as the trainer builds it)
+        model, find_unused_parameters=cfg.executor == "compact")
     stage.train_mode(net)
     _TABLE.update(decisions=decisions[rows], gate=0)
     loss, _ = stage.loss(net, x[rows], y[rows], None)

@@ -291,20 +291,79 @@ def test_compact_equals_masked_in_eval(name, gate):
                 assert torch.equal(compact.macs, masked.macs)
 
 
-def test_compact_does_not_modify_caller_input_and_refuses_training():
+def test_compact_does_not_modify_caller_input_and_refuses_decisions_with_gradient():
     model = create_model("cifar_resnet14").eval()
     x = torch.randn(3, 3, 32, 32)
     x0 = x.clone()
     model(x, "fixed", decisions=torch.tensor([1.0, 0, 1, 0, 1]), executor="compact")
     assert torch.equal(x, x0)
     model.train()
-    with pytest.raises(ValueError, match="eval"):
-        model(x, "greedy", executor="compact")
+    model(x, "greedy", executor="compact")  # training: decisions without gradient run compact
+    assert torch.equal(x, x0)
+    for mode in ("straight_through", "gumbel"):  # these train the gates through the mask
+        with pytest.raises(ValueError, match="without gradient"):
+            model(x, mode, executor="compact")
     model.eval()
     with pytest.raises(ValueError, match="soft"):
         model(x, "soft", executor="compact")
     with pytest.raises(ValueError, match="unknown executor"):
         model(x, "greedy", executor="fast")
+
+
+@pytest.mark.parametrize("mode", ["fixed", "greedy", "sample"])
+def test_compact_training_equals_masked_with_running_batchnorm_statistics(mode):
+    # In training the compact executor (ours, for HRL's passes) runs each block on the images that take it, with
+    # autograd. With BatchNorm on its running statistics (eval-mode BN) it must give the masked executor's
+    # outputs, decisions and gradients -- a wrong gather, scatter or shortcut shows here.
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20", gate="rnn", in_channels=1).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    model.gates.fc.bias.data.fill_(0.0)  # (graded gates: greedy and sampled paths skip some blocks)
+    x = torch.randn(6, 1, 28, 28)
+    d = _random_decisions(model, 6) if mode == "fixed" else None
+    outs, grads = {}, {}
+    for ex in ("masked", "compact"):
+        model.zero_grad()
+        out = model(x, mode, decisions=d, executor=ex, generator=torch.Generator().manual_seed(3))
+        loss = out.logits.square().sum() + (out.log_probs.sum() if out.log_probs is not None else 0)
+        loss.backward()
+        outs[ex], grads[ex] = out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert 0 < outs["compact"].decisions.mean() < 1
+    assert torch.equal(outs["compact"].decisions, outs["masked"].decisions)
+    torch.testing.assert_close(outs["compact"].logits, outs["masked"].logits, rtol=1e-5, atol=1e-5)
+    for n, want in grads["masked"].items():  # a block no image ran has no gradient in compact, zero in masked
+        got = grads["compact"].get(n, torch.zeros_like(want))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_compact_training_normalises_by_the_images_that_run_the_block():
+    # With live BatchNorm the compact executor's residual branch sees only the images whose gate fired: their
+    # outputs and the running statistics are those of the block run on that subset alone, the others get the
+    # shortcut (a projection's BatchNorm sees every image). The masked executor mixes in the skipping images.
+    from skipnet.models.executors import run_compact, run_masked
+
+    torch.manual_seed(0)
+    block = create_model("cifar_resnet20").blocks[3].train()  # stage 2's first block: a projection shortcut
+    x = torch.randn(8, 16, 16, 16)
+    g = torch.tensor([1.0, 0, 0, 1, 1, 0, 1, 0])
+    run = g.bool()
+    alone, masked = copy.deepcopy(block), copy.deepcopy(block)
+    out = run_compact(block, x, g)
+    shortcut = alone.downsample(x)  # every image through the projection ...
+    want = alone.merge(alone.residual(x[run]), shortcut[run])  # ... the residual branch on the four alone
+    torch.testing.assert_close(out[run], want)
+    torch.testing.assert_close(out[~run], shortcut[~run])
+    for (name, b), b_alone in zip(block.named_buffers(), alone.buffers()):
+        torch.testing.assert_close(b, b_alone, msg=name)
+    run_masked(masked, x, g)
+    assert not torch.allclose(masked.bn1.running_mean, block.bn1.running_mean)
+    # none or every image: the shortcut alone, or the block
+    torch.testing.assert_close(run_compact(block, x, torch.zeros(8)), block.downsample(x))
+    torch.testing.assert_close(run_compact(block.eval(), x, torch.ones(8)), block(x))
 
 
 def test_all_gates_on_equals_plain_network_with_same_weights():

@@ -323,6 +323,31 @@ def test_hrl_distill_teaches_the_greedy_path_from_the_all_blocks_path(sp_run):
         _config("calibrate", backbone_path="greedy", distill=0.5, target_macs=0.6)
 
 
+def test_hrl_executor_compact_runs_the_sampled_and_greedy_passes_compact(sp_run, monkeypatch):
+    # executor compact (ours): the sampled and greedy passes run each block on the images that take it (the
+    # all-blocks teacher runs every block anyway); masked (the default) runs none compact. The gradient with
+    # running BatchNorm statistics equals the masked one (tests/test_models.py checks the executor itself).
+    import skipnet.models.skipnet as skipnet_module
+
+    calls = []
+    real = skipnet_module.run_compact
+    monkeypatch.setattr(skipnet_module, "run_compact", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 12, 12), torch.arange(16) % 4
+    common = dict(backbone_path="greedy", rl_backbone=False, distill=0.5, explore=0.2, freeze_bn=True)
+    grads = {}
+    for ex in ("masked", "compact"):
+        calls.clear()
+        grads[ex], _ = _hrl_step_gradients(sp_run, x, y, executor=ex, **common)
+        assert len(calls) == (2 * 2 if ex == "compact" else 0)  # cifar_resnet8: 2 gates, 2 passes
+    for n in grads["masked"]:
+        torch.testing.assert_close(grads["compact"][n], grads["masked"][n], rtol=1e-4, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="executor must be"):
+        _config("hrl", executor="fast")
+    with pytest.raises(ValueError, match="stage 'sp' trains through masked blocks"):
+        _config("sp", executor="compact")
+
+
 def test_bn_stats_kept_leaves_running_statistics_and_momentum_as_they_were():
     # exponential (momentum 0.1) and cumulative (momentum None) averaging alike, and after an error inside
     from skipnet.train.stages import bn_stats_kept

@@ -4,9 +4,13 @@
   ``S(x) + g * (F(x) - S(x))``. Differentiable in g (straight-through, soft); what training uses:
   BatchNorm sees the whole batch.
 * ``compact``: only the images whose gate fired run the residual branch; a block no image needs is not run
-  at all. Inference only (eval-mode BatchNorm), equal to ``masked`` to float tolerance. It is not a per-block
+  at all. In inference (eval-mode BatchNorm) it equals ``masked`` to float tolerance; it is not a per-block
   function but a runner over the whole network: :class:`skipnet.infer.CompactRunner`, which
   ``SkipResNet.forward(..., executor="compact")`` calls, and the rivals' ``forward`` too (ACT, SACT, SDV).
+  In training (ours, for the passes whose decisions are hard and carry no gradient: HRL's sampled and greedy
+  paths) it is :func:`run_compact`, here, with autograd: a block's BatchNorm then normalises by the statistics
+  of the images that run it, and its running statistics are theirs -- those inference uses -- where ``masked``
+  mixes in the images that skip it.
 """
 
 from __future__ import annotations
@@ -48,3 +52,18 @@ def run_masked(block: ResidualBlock, x: Tensor, g: Tensor) -> Tensor:
         return ops.gated_merge(r, s, g)
     f = block.merge(r, s)
     return torch.lerp(s, f, g.view(-1, 1, 1, 1).to(f.dtype))
+
+
+def run_compact(block: ResidualBlock, x: Tensor, g: Tensor) -> Tensor:
+    """The training-mode ``compact`` executor: the shortcut ``S(x)`` for every image, ``F(x)`` computed on, and
+    written back for, only the images with ``g`` = 1 (hard decisions without gradient; autograd runs through
+    the gather and scatter). BatchNorm in the residual branch sees only those images."""
+    s = block.shortcut(x)
+    idx = torch.nonzero(g, as_tuple=True)[0]  # (K,)
+    if idx.numel() == x.shape[0]:
+        return block.merge(block.residual(x), s)
+    if idx.numel() == 0:
+        return s
+    # (indexing and index_put keep the memory format -- channels_last in training -- index_select/copy do not)
+    f = block.merge(block.residual(x[idx]), s[idx])
+    return s.index_put((idx,), f)

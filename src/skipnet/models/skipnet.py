@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..cost import MacTable, MacTabled
 from .blocks import BasicBlock, Bottleneck, ResidualBlock, projection
 from .decisions import check_mode, decide
-from .executors import KeepsCompactRunner, check_executor, run_masked
+from .executors import KeepsCompactRunner, check_executor, run_compact, run_masked
 from .gates import GATE_TYPES, build_gates
 
 IMAGENET_LAYOUTS: dict[int, tuple[type[ResidualBlock], tuple[int, ...]]] = {
@@ -32,6 +32,8 @@ IMAGENET_LAYOUTS: dict[int, tuple[type[ResidualBlock], tuple[int, ...]]] = {
 }
 ARCHS = ("cifar", "imagenet")
 GATE_OPEN_BIAS = 3.0  # initial bias of every gate's output layer: sigmoid(3) = 0.95
+COMPACT_TRAIN_MODES = ("greedy", "sample", "fixed", "all")  # hard decisions without gradient: compact can train
+COMPACT_TRAIN_REFUSED = ("straight_through", "gumbel", "soft")
 
 
 @dataclass(frozen=True)
@@ -209,14 +211,16 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
         ``fixed`` only). What :meth:`forward` and :class:`~skipnet.infer.CompactRunner` start with."""
         self.check_input(x)
         check_executor(executor)
-        if executor == "compact" and self.training:
-            raise ValueError("the compact executor is for inference: call model.eval() first (training masks)")
         table = self.mac_table((x.shape[2], x.shape[3]))
         if self.gates is None:
             return table, "all", None  # a plain network ignores the mode
         mode = check_mode(mode or ("straight_through" if self.training else "greedy"))
         if executor == "compact" and mode == "soft":
             raise ValueError("the compact executor needs hard decisions; mode 'soft' is only for 'masked'")
+        if executor == "compact" and self.training and mode in COMPACT_TRAIN_REFUSED:
+            raise ValueError(f"in training the compact executor takes decisions without gradient (modes "
+                             f"{COMPACT_TRAIN_MODES}); mode {mode!r} trains the gates through the mask: use "
+                             f"'masked'")
         fixed = self._check_fixed(decisions, x.shape[0], x.device) if mode == "fixed" else None
         if temperature <= 0:
             raise ValueError(f"temperature must be positive; got {temperature}")
@@ -248,8 +252,11 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
         ``mode``: a decision mode (:data:`~skipnet.models.decisions.MODES`); by default ``straight_through``
         in training and ``greedy`` in eval. ``decisions`` (B, N) or (N,) go with ``mode='fixed'``.
         ``executor``: ``masked`` (this method: every block on the whole batch, mixed by the decisions) or
-        ``compact`` (eval only: :class:`skipnet.infer.CompactRunner`, which runs each block only on the images
-        whose gate fired). ``tau``: the greedy threshold. ``temperature`` divides the gate logits (HRL's
+        ``compact``: each block runs only on the images whose gate fired -- in eval mode by
+        :class:`skipnet.infer.CompactRunner`, in training by this method with
+        :func:`~skipnet.models.executors.run_compact` (decisions without gradient only: modes
+        :data:`COMPACT_TRAIN_MODES`; BatchNorm then sees the images that run each block). ``tau``: the
+        greedy threshold. ``temperature`` divides the gate logits (HRL's
         policy sharpening). A plain network ignores the mode.
         ``drop_rate`` (training, ``straight_through`` or ``gumbel``): each image also skips each gated block with this
         probability whatever its gate says (stochastic depth on the gated blocks, drawn from ``generator``),
@@ -260,13 +267,15 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
         cross-entropy is not trained on costs a forward and the gates' backward, not the backbone's.
         Gates run in float32 even under autocast (a bf16 probability above ~0.998 rounds to 1: no sampling).
         """
-        if check_executor(executor) == "compact" and not (self.training and self.gates is None):
+        compact = check_executor(executor) == "compact"
+        if compact and not self.training:
             from ..infer import compact_runner  # (infer builds on models: imported when first needed)
 
             return compact_runner(self)(x, mode, tau=tau, decisions=decisions, temperature=temperature,
                                         generator=generator, explore=explore, drop_rate=drop_rate)
-        table, mode, fixed = self.prepare(x, mode, executor="masked", tau=tau, decisions=decisions,
+        table, mode, fixed = self.prepare(x, mode, executor=executor, tau=tau, decisions=decisions,
                                           temperature=temperature, drop_rate=drop_rate)
+        run = run_compact if compact else run_masked  # (compact here: training, decisions without gradient)
         batch = x.shape[0]
         backbone = contextlib.nullcontext() if backbone_grad else torch.no_grad()
         with backbone:
@@ -292,7 +301,7 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
                 keep = torch.rand(batch, generator=generator, device=g.device) >= drop_rate
                 g = g * keep.to(g.dtype)
             with backbone:
-                x = block(x) if mode == "all" else run_masked(block, x, g)  # (B, C, H, W)
+                x = block(x) if mode == "all" else run(block, x, g)  # (B, C, H, W)
             probs.append(torch.sigmoid(logit))
             gs.append(g)
             if lp is not None:

@@ -115,6 +115,10 @@ class TrainSection:
     # the all-blocks path also trains by cross-entropy, and the greedy path's loss is (1 - distill) CE +
     # distill KL(all-blocks || greedy), the all-blocks prediction as a fixed target. The all-blocks pass leaves
     # the BatchNorm statistics alone (inference runs the greedy paths)
+    executor: str = "masked"  # HRL: how the sampled and greedy passes run the gated blocks: masked (every block
+    # on every image, mixed by the decisions, as the paper's code) | compact (ours: each block on the images that
+    # run it, as inference does; its BatchNorm then normalises by, and keeps the running statistics of, those
+    # images; less time per step, the more so the more is skipped). The all-blocks pass runs every block anyway
     freeze_bn: bool = False  # keep BatchNorm statistics fixed during HRL / calibrate
     cost: str = "uniform"  # C_j: uniform (paper: every block costs 1) | macs (relative block MACs, mean 1)
     baseline: str = "none"  # none (paper) | ema (per-gate moving average of the returns) | greedy (ours,
@@ -226,6 +230,11 @@ class TrainSection:
         if self.distill and self.backbone_path != "greedy":
             raise ValueError("distill goes with backbone_path: greedy (it distills the all-blocks path into the "
                              "greedy one)")
+        if self.executor not in ("masked", "compact"):
+            raise ValueError(f"executor must be 'masked' or 'compact'; got {self.executor!r}")
+        if self.executor == "compact" and self.stage != "hrl":
+            raise ValueError(f"executor 'compact' runs the hrl stage's sampled and greedy passes; stage "
+                             f"{self.stage!r} trains through masked blocks")
         if self.baseline not in ("none", "ema", "greedy"):
             raise ValueError(f"baseline must be 'none', 'ema' or 'greedy'; got {self.baseline!r}")
         if self.gate_optimizer not in ("sgd", "adam"):

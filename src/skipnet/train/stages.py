@@ -197,7 +197,9 @@ class ReinforceStage(Stage):
     The gates read the backbone's features, so the REINFORCE, rate and entropy terms reach the backbone through
     the gate inputs too (as in the paper); with ``rl_backbone`` false (ours, with the greedy backbone path) they
     do not, the backbone learns from the greedy path's cross-entropy alone, and the sampled pass runs without
-    the backbone's autograd. With ``distill`` (ours, with the greedy path) the all-blocks path also trains by
+    the backbone's autograd. With ``executor`` compact (ours) the sampled and greedy passes run each block on
+    the images that take it only (:func:`~skipnet.models.executors.run_compact`). With ``distill`` (ours, with
+    the greedy path) the all-blocks path also trains by
     cross-entropy and teaches the greedy one (in-place distillation, :func:`.losses.distill_loss`)."""
 
     name = "reinforce"
@@ -243,7 +245,8 @@ class ReinforceStage(Stage):
 
     def loss(self, net, x, y, generator):
         cfg = self.cfg
-        out = net(x, "sample", explore=cfg.explore, generator=generator, backbone_grad=cfg.rl_backbone)
+        out = net(x, "sample", explore=cfg.explore, generator=generator, backbone_grad=cfg.rl_backbone,
+                  executor=cfg.executor)
         alpha = self.alpha()
         baseline, greedy_macs = None, None
         if cfg.baseline == "greedy":
@@ -259,7 +262,7 @@ class ReinforceStage(Stage):
                         cap=cfg.skip_cap)
         total = loss.total
         if greedy:  # the backbone learns the paths inference takes (training mode: batch statistics, as above)
-            logits = net(x, "greedy", tau=cfg.tau).logits
+            logits = net(x, "greedy", tau=cfg.tau, executor=cfg.executor).logits
             if cfg.distill:  # and the all-blocks path, which teaches the greedy one
                 with bn_stats_kept(net):
                     teacher = net(x, "all").logits

@@ -437,7 +437,9 @@ def _train(config: RunConfig, run_dir: Path, payload: dict[str, Any] | None, *, 
         log.info("resumed %s at step %d", run_dir, step)
     net: nn.Module = model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # compact passes leave a block no image of this process ran without gradients: let DDP find those
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=config.train.executor == "compact")
 
     folder = RunFolder(run_dir if rank == 0 else None, config, resumed_at=step if resume else None,
                        run_id=payload.get("run_id") if payload is not None else None)
