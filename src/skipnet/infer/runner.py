@@ -109,6 +109,9 @@ class CompactRunner:
                 raise ValueError(f"a rival ({model.method!r}) takes no decision mode, threshold, temperature, "
                                  "exploration, drop rate or gates=False: those are SkipNet's gates' options")
             return run_rival(self, x, decisions, generator)
+        if model.training:  # (SkipResNet.forward trains compact itself, with autograd, in its own loop)
+            raise ValueError("the compact runner is for inference: call model.eval() first (a SkipNet in training "
+                             "runs compact through model(x, mode, executor='compact'))")
         table, mode, fixed = model.prepare(x, mode, executor="compact", tau=tau, decisions=decisions,
                                            temperature=temperature, drop_rate=drop_rate)
         batch = x.shape[0]
