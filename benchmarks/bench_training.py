@@ -40,7 +40,7 @@ def _recipe_train(name: str, keep: tuple[str, ...]) -> list[str]:
 # the step's cost depends on these, not on the schedule or the evaluation settings
 HRL_KEYS = ("stage", "lr", "alpha", "beta", "rl_weight", "rl_reduction", "explore", "baseline", "cost",
             "target_macs", "alpha_lr", "gate_optimizer", "gate_lr", "freeze_bn", "backbone_path", "rl_backbone",
-            "distill", "teacher_ce", "rate_loss", "budget_ramp", "target_ramp", "executor", "tau")
+            "distill", "rate_loss", "budget_ramp", "target_ramp", "executor", "tau")
 # The gated stages this compares with the plain network (train.* overrides on top of the defaults).
 STAGES = {
     "sp": ["train.stage=sp"],
@@ -51,8 +51,6 @@ STAGES = {
     # the same with the sampled and greedy passes run masked (every block on every image) or compact
     "hrl_masked": _recipe_train("fashion_mnist_hrl", HRL_KEYS) + ["train.executor=masked"],
     "hrl_compact": _recipe_train("fashion_mnist_hrl", HRL_KEYS) + ["train.executor=compact"],
-    # ... and with the all-blocks teacher only predicting (no cross-entropy of its own: a pass without autograd)
-    "hrl_teacher_no_ce": _recipe_train("fashion_mnist_hrl", HRL_KEYS) + ["train.teacher_ce=false"],
     # the paper's objective (recipe fashion_mnist_hrl_paper): sampled gates, no baseline, fixed alpha
     "hrl_paper": _recipe_train("fashion_mnist_hrl_paper", HRL_KEYS),
     # frozen gates, straight-through decisions, a threshold controller (recipe fashion_mnist_calibrate)

@@ -315,19 +315,6 @@ def test_hrl_distill_teaches_the_greedy_path_from_the_all_blocks_path(sp_run):
         torch.testing.assert_close(grads[n], want[n], msg=n)
     for n in without:  # the running statistics are those of the same step without the teacher
         torch.testing.assert_close(with_teacher[n], without[n], msg=n)
-    # teacher_ce false (ours): the all-blocks path only predicts the target, without gradient of its own CE
-    def untrained_teacher(net, x, y):
-        student = net(x, "greedy", tau=0.5).logits
-        with torch.no_grad():
-            teacher = net(x, "all").logits
-        kl = F.kl_div(F.log_softmax(student, 1), F.softmax(teacher, 1), reduction="batchmean")
-        return (1 - d) * F.cross_entropy(student, y) + d * kl
-
-    grads, want = _hrl_step_gradients(sp_run, x, y, untrained_teacher, distill=d, teacher_ce=False, **common)
-    for n in backbone:
-        torch.testing.assert_close(grads[n], want[n], msg=n)
-    with pytest.raises(ValueError, match="teacher_ce: false is about the all-blocks teacher"):
-        _config("hrl", teacher_ce=False)
     with pytest.raises(ValueError, match="distill goes with backbone_path: greedy"):
         _config("hrl", distill=0.5)
     with pytest.raises(ValueError, match="distill is a mixing weight"):

@@ -121,9 +121,6 @@ class TrainSection:
     # images; less time per step, the more so the more is skipped). The all-blocks pass runs every block anyway.
     # Measured (docs/RESULTS.md, 2026-12-04): a 1.3-1.4x faster step at ~62-66 % execution, but 0.6 point less
     # accurate on Fashion-MNIST (two seeds), so no recipe uses it
-    teacher_ce: bool = True  # with distill: the all-blocks path also trains by cross-entropy (slimmable networks'
-    # in-place distillation). false (ours): it only predicts the target, in a pass without autograd (a forward
-    # instead of a forward and backward: the step's most expensive pass)
     freeze_bn: bool = False  # keep BatchNorm statistics fixed during HRL / calibrate
     cost: str = "uniform"  # C_j: uniform (paper: every block costs 1) | macs (relative block MACs, mean 1)
     baseline: str = "none"  # none (paper) | ema (per-gate moving average of the returns) | greedy (ours,
@@ -232,8 +229,6 @@ class TrainSection:
         if self.distill and self.stage != "hrl":
             raise ValueError(f"distill is the hrl stage's (the all-blocks path teaching the greedy one); stage "
                              f"{self.stage!r} would ignore it")
-        if not self.teacher_ce and not self.distill:
-            raise ValueError("teacher_ce: false is about the all-blocks teacher of distill: set distill too")
         if self.distill and self.backbone_path != "greedy":
             raise ValueError("distill goes with backbone_path: greedy (it distills the all-blocks path into the "
                              "greedy one)")

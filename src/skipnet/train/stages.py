@@ -199,9 +199,8 @@ class ReinforceStage(Stage):
     do not, the backbone learns from the greedy path's cross-entropy alone, and the sampled pass runs without
     the backbone's autograd. With ``executor`` compact (ours) the sampled and greedy passes run each block on
     the images that take it only (:func:`~skipnet.models.executors.run_compact`). With ``distill`` (ours, with
-    the greedy path) the all-blocks path also trains by cross-entropy and teaches the greedy one (in-place
-    distillation, :func:`.losses.distill_loss`); with ``teacher_ce`` false it only teaches, from a pass without
-    autograd."""
+    the greedy path) the all-blocks path also trains by
+    cross-entropy and teaches the greedy one (in-place distillation, :func:`.losses.distill_loss`)."""
 
     name = "reinforce"
     draws_random = True
@@ -265,11 +264,9 @@ class ReinforceStage(Stage):
         if greedy:  # the backbone learns the paths inference takes (training mode: batch statistics, as above)
             logits = net(x, "greedy", tau=cfg.tau, executor=cfg.executor).logits
             if cfg.distill:  # and the all-blocks path, which teaches the greedy one
-                with bn_stats_kept(net), torch.set_grad_enabled(cfg.teacher_ce and torch.is_grad_enabled()):
+                with bn_stats_kept(net):
                     teacher = net(x, "all").logits
-                if cfg.teacher_ce:
-                    total = total + self._ce(teacher, y)
-                total = total + (1 - cfg.distill) * self._ce(logits, y)
+                total = total + self._ce(teacher, y) + (1 - cfg.distill) * self._ce(logits, y)
                 total = total + cfg.distill * distill_loss(logits, teacher)
             else:
                 total = total + self._ce(logits, y)
