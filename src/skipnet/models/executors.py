@@ -66,4 +66,4 @@ def run_compact(block: ResidualBlock, x: Tensor, g: Tensor) -> Tensor:
         return s
     # (indexing and index_put keep the memory format -- channels_last in training -- index_select/copy do not)
     f = block.merge(block.residual(x[idx]), s[idx])
-    return s.index_put((idx,), f)
+    return s.index_put((idx,), f.to(s.dtype))  # (under autocast the merge may promote)

@@ -199,8 +199,8 @@ class ReinforceStage(Stage):
     do not, the backbone learns from the greedy path's cross-entropy alone, and the sampled pass runs without
     the backbone's autograd. With ``executor`` compact (ours) the sampled and greedy passes run each block on
     the images that take it only (:func:`~skipnet.models.executors.run_compact`). With ``distill`` (ours, with
-    the greedy path) the all-blocks path also trains by
-    cross-entropy and teaches the greedy one (in-place distillation, :func:`.losses.distill_loss`)."""
+    the greedy path) the all-blocks path also trains by cross-entropy and teaches the greedy one (in-place
+    distillation, :func:`.losses.distill_loss`)."""
 
     name = "reinforce"
     draws_random = True
