@@ -32,8 +32,7 @@ IMAGENET_LAYOUTS: dict[int, tuple[type[ResidualBlock], tuple[int, ...]]] = {
 }
 ARCHS = ("cifar", "imagenet")
 GATE_OPEN_BIAS = 3.0  # initial bias of every gate's output layer: sigmoid(3) = 0.95
-COMPACT_TRAIN_MODES = ("greedy", "sample", "fixed", "all")  # hard decisions without gradient: compact can train
-COMPACT_TRAIN_REFUSED = ("straight_through", "gumbel", "soft")
+GRADIENT_MODES = ("straight_through", "gumbel", "soft")  # decisions the gates learn through: masked only
 
 
 @dataclass(frozen=True)
@@ -217,10 +216,9 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
         mode = check_mode(mode or ("straight_through" if self.training else "greedy"))
         if executor == "compact" and mode == "soft":
             raise ValueError("the compact executor needs hard decisions; mode 'soft' is only for 'masked'")
-        if executor == "compact" and self.training and mode in COMPACT_TRAIN_REFUSED:
-            raise ValueError(f"in training the compact executor takes decisions without gradient (modes "
-                             f"{COMPACT_TRAIN_MODES}); mode {mode!r} trains the gates through the mask: use "
-                             f"'masked'")
+        if executor == "compact" and self.training and mode in GRADIENT_MODES:
+            raise ValueError(f"in training the compact executor takes decisions without gradient; mode {mode!r} "
+                             f"trains the gates through the mask: use 'masked'")
         fixed = self._check_fixed(decisions, x.shape[0], x.device) if mode == "fixed" else None
         if temperature <= 0:
             raise ValueError(f"temperature must be positive; got {temperature}")
@@ -254,8 +252,8 @@ class SkipResNet(MacTabled, KeepsCompactRunner, nn.Module):
         ``executor``: ``masked`` (this method: every block on the whole batch, mixed by the decisions) or
         ``compact``: each block runs only on the images whose gate fired -- in eval mode by
         :class:`skipnet.infer.CompactRunner`, in training by this method with
-        :func:`~skipnet.models.executors.run_compact` (decisions without gradient only: modes
-        :data:`COMPACT_TRAIN_MODES`; BatchNorm then sees the images that run each block). ``tau``: the
+        :func:`~skipnet.models.executors.run_compact` (decisions without gradient only, not the modes of
+        :data:`GRADIENT_MODES`; BatchNorm then sees the images that run each block). ``tau``: the
         greedy threshold. ``temperature`` divides the gate logits (HRL's
         policy sharpening). A plain network ignores the mode.
         ``drop_rate`` (training, ``straight_through`` or ``gumbel``): each image also skips each gated block with this
