@@ -1,0 +1,74 @@
+#!/bin/bash
+# Two job lists of `skipnet train` runs trained at once on one GPU (scripts/train_batch.py), as on 2026-12-04
+# (one H200 lent for 15 minutes; docs/RESULTS.md): scripts/jobs/fm-routing-2026-12-04.jobs (Fashion-MNIST, 4
+# epochs: deeper SkipNets and HRL-recipe variants against the plain line) and scripts/jobs/c10-recipe-2026-12-04.jobs
+# (CIFAR-10, plain ResNet-38 recipe variants at 40 epochs). Smoke-tests an SP, an HRL and a CIFAR-10 baseline run
+# for a few steps first (exit 3 when one fails), stops every run at DEADLINE seconds from the start (each writes a
+# checkpoint: rerun to resume them), drops the optimiser state from finished runs' checkpoints, and packs the run
+# folders (the plain Fashion-MNIST runs without weights) into $OUT in 15 MB parts. From the repository root:
+#   OUT=/tmp/out DEADLINE=480 bash scripts/search-gpu.sh
+# Data: CIFAR-10 from ../shared/datasets/cifar10-jpeg or DATA_ARCHIVE (a tar.xz of its train/ and test/ folders of
+# JPEG files); Fashion-MNIST from FM_ROOT (default /usr/share/datasets/fashion-mnist, the Debian package's files).
+set -u
+T0=$(date +%s)
+el() { echo $(( $(date +%s) - T0 )); }
+DEADLINE=${DEADLINE:-480}
+TINY=${TINY:-0}  # 1: every run a few steps (a dry run of this script on a CPU)
+T=""; [ "$TINY" = 1 ] && T="--set train.epochs=0.003 --set train.fit_images=200 --set train.eval_every=0"
+PY=${PY:-python3}
+R=${RUNS:-/tmp/search}
+OUTD=${OUT:-/tmp/gpu-out}
+C10=../shared/datasets/cifar10-jpeg
+FM=${FM_ROOT:-/usr/share/datasets/fashion-mnist}
+FM=$(cd "$FM" && pwd)
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+mkdir -p "$R" "$OUTD" "$C10"
+C10=$(cd "$C10" && pwd)
+if [ ! -e "$C10/train.zip" ] && [ ! -d "$C10/train" ]; then tar xJf "${DATA_ARCHIVE:?no CIFAR-10 in $C10}" -C "$C10" || exit 1; fi
+echo "data ready $(el)s"
+nvidia-smi --query-gpu=name,memory.used,driver_version --format=csv 2>/dev/null
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+MPS=0
+if command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d; then
+  if $PY -c "import torch; torch.zeros(1, device='cuda')"; then MPS=1; echo "MPS on"; else echo quit | nvidia-cuda-mps-control; fi
+fi
+$PY - <<EOF || exit 1
+from skipnet.data import load_dataset
+for s in ("train", "test"):
+    print(s, tuple(load_dataset("imagefolder", "$C10", s, workers=16).images.shape), flush=True)
+EOF
+echo "CIFAR-10 cache warm $(el)s"
+
+S=$R/smoke; rm -rf $S; mkdir -p $S
+SK="$PY -m skipnet.cli train --no-progress --set train.eval_every=0"
+smoke() { local name=$1; shift
+  if $SK "$@" --run-dir $S/$name > $S/$name.log 2>&1; then echo "smoke $name ok $(el)s"
+  else echo "SMOKE FAIL $name"; tail -25 $S/$name.log; return 1; fi; }
+( smoke sp --recipe fashion_mnist_sp --set model.name=cifar_resnet32 --set data.root=$FM --set train.epochs=0.02 &&
+  smoke hrl --recipe fashion_mnist_hrl --set model.name=cifar_resnet32 --set data.root=$FM --set train.init=$S/sp \
+    --set train.epochs=0.02 --set train.fit_images=500 ) & a=$!
+smoke c10 --recipe cifar10_cpu_baseline --set data.root=$C10 --set train.epochs=0.01 & b=$!
+wait $a && wait $b || { [ $MPS = 1 ] && echo quit | nvidia-cuda-mps-control; exit 3; }
+echo "smoke done $(el)s"
+
+left=$(( DEADLINE - $(el) ))
+$PY scripts/train_batch.py --jobs scripts/jobs/c10-recipe-2026-12-04.jobs --runs $R/c10 --parallel ${PC:-6} \
+  --deadline $left --extra "--set data.root=$C10 $T" > $R/c10.txt 2>&1 & a=$!
+$PY scripts/train_batch.py --jobs scripts/jobs/fm-routing-2026-12-04.jobs --runs $R/fm --parallel ${PF:-9} \
+  --deadline $left --extra "--set data.root=$FM $T" 2>&1 | tee $R/fm.txt & b=$!
+while kill -0 $a 2>/dev/null || kill -0 $b 2>/dev/null; do sleep 30; echo "[$(el)s] c10: $(grep -c rc= $R/c10.txt) ended"; done
+cat $R/c10.txt
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv 2>/dev/null
+[ $MPS = 1 ] && echo quit | nvidia-cuda-mps-control
+$PY - "$R" <<'EOF'
+import sys, pathlib, torch
+for f in pathlib.Path(sys.argv[1]).glob("*/*/final.json"):
+    ck = f.parent / "checkpoints" / "last.pt"
+    if ck.exists():
+        p = torch.load(ck, map_location="cpu", weights_only=False)
+        p["optimizers"] = []
+        torch.save(p, ck)
+EOF
+rm -rf $R/fm/plain*/checkpoints $S
+cd "$R" && tar cf - . | split -b 15M -d - "$OUTD/runs.tar.part"
+ls -l "$OUTD"; echo "packed $(el)s"
