@@ -52,9 +52,9 @@ wait $a && wait $b || { [ $MPS = 1 ] && echo quit | nvidia-cuda-mps-control; exi
 echo "smoke done $(el)s"
 
 left=$(( DEADLINE - $(el) ))
-$PY scripts/train_batch.py --jobs scripts/jobs/c10-recipe-2026-12-04.jobs --runs $R/c10 --parallel ${PC:-6} \
+$PY scripts/train_batch.py --jobs ${JOBS_C10:-scripts/jobs/c10-recipe-2026-12-04.jobs} --runs $R/c10 --parallel ${PC:-6} \
   --deadline $left --extra "--set data.root=$C10 $T" > $R/c10.txt 2>&1 & a=$!
-$PY scripts/train_batch.py --jobs scripts/jobs/fm-routing-2026-12-04.jobs --runs $R/fm --parallel ${PF:-9} \
+$PY scripts/train_batch.py --jobs ${JOBS_FM:-scripts/jobs/fm-routing-2026-12-04.jobs} --runs $R/fm --parallel ${PF:-9} \
   --deadline $left --extra "--set data.root=$FM $T" 2>&1 | tee $R/fm.txt & b=$!
 while kill -0 $a 2>/dev/null || kill -0 $b 2>/dev/null; do sleep 30; echo "[$(el)s] c10: $(grep -c rc= $R/c10.txt) ended"; done
 cat $R/c10.txt
