@@ -16,7 +16,7 @@ DEADLINE=${DEADLINE:-480}
 TINY=${TINY:-0}  # 1: every run a few steps (a dry run of this script on a CPU)
 T=""; [ "$TINY" = 1 ] && T="--set train.epochs=0.003 --set train.fit_images=200 --set train.eval_every=0"
 PY=${PY:-python3}
-R=${RUNS:-/tmp/search}
+R=${RUNS:-$PWD/runs/search}  # inside the repository (ignored): on the lent machine a later call finds it, /tmp it does not
 OUTD=${OUT:-/tmp/gpu-out}
 C10=../shared/datasets/cifar10-jpeg
 FM=${FM_ROOT:-/usr/share/datasets/fashion-mnist}
