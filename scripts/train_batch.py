@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args.runs.mkdir(parents=True, exist_ok=True)
     jobs = parse_jobs(args.jobs.read_text(), args.runs)
     pending = list(jobs)
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    running: dict[str, tuple[subprocess.Popen, float]] = {}  # name -> (process, start time); its log is open
     done: dict[str, dict] = {}  # name -> {"rc", "wall_s"}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
 
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is not None:
                 done[name] = {"rc": proc.returncode, "wall_s": round(time.time() - start, 1)}
                 del running[name]
+                proc.stdout_log.close()
                 r = final(args.runs, name)
                 log(f"{name} rc={proc.returncode} {time.time() - start:.0f}s "
                     + (f"top-1 {r['accuracy']:.2f} % mac_reduction {r.get('mac_reduction', 0):.1f} %" if r else ""))
@@ -115,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             logf = open(args.runs / f"{name}.log", "a")  # noqa: SIM115 -- open while the process runs
             logf.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
             logf.flush()
-            running[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), time.time())
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+            proc.stdout_log = logf  # closed when the run ends
+            running[name] = (proc, time.time())
             log(f"started {name}")
         time.sleep(2)
 
