@@ -7,6 +7,8 @@
 # checkpoint: rerun to resume them), drops the optimiser state from finished runs' checkpoints, and packs the run
 # folders (the plain Fashion-MNIST runs without weights) into $OUT in 15 MB parts. From the repository root:
 #   OUT=/tmp/out DEADLINE=480 bash scripts/search-gpu.sh
+# JOBS_FM / JOBS_C10: other job lists ("none": leave that dataset out); RUNS_FROM: a folder of earlier run folders
+# (fm/NAME, c10/NAME, e.g. an SP run carried to the lent machine) copied in first, finished ones kept.
 # Data: CIFAR-10 from ../shared/datasets/cifar10-jpeg or DATA_ARCHIVE (a tar.xz of its train/ and test/ folders of
 # JPEG files); Fashion-MNIST from FM_ROOT (default /usr/share/datasets/fashion-mnist, the Debian package's files).
 set -u
@@ -19,12 +21,16 @@ PY=${PY:-python3}
 R=${RUNS:-$PWD/runs/search}  # inside the repository (ignored): on the lent machine a later call finds it, /tmp it does not
 OUTD=${OUT:-/tmp/gpu-out}
 C10=../shared/datasets/cifar10-jpeg
+JF=${JOBS_FM:-scripts/jobs/fm-routing-2026-12-04.jobs}
+JC=${JOBS_C10:-scripts/jobs/c10-recipe-2026-12-04.jobs}
 FM=${FM_ROOT:-/usr/share/datasets/fashion-mnist}
-FM=$(cd "$FM" && pwd)
+[ "$JF" = none ] || FM=$(cd "$FM" && pwd) || exit 1
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 mkdir -p "$R" "$OUTD" "$C10"
+[ -n "${RUNS_FROM:-}" ] && cp -rn "$RUNS_FROM/." "$R/"
 C10=$(cd "$C10" && pwd)
-if [ ! -e "$C10/train.zip" ] && [ ! -d "$C10/train" ]; then tar xJf "${DATA_ARCHIVE:?no CIFAR-10 in $C10}" -C "$C10" || exit 1; fi
+if [ "$JC" != none ] && [ ! -e "$C10/train.zip" ] && [ ! -d "$C10/train" ]; then
+  tar xJf "${DATA_ARCHIVE:?no CIFAR-10 in $C10}" -C "$C10" || exit 1; fi
 echo "data ready $(el)s"
 nvidia-smi --query-gpu=name,memory.used,driver_version --format=csv 2>/dev/null
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
@@ -32,7 +38,7 @@ MPS=0
 if command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d; then
   if $PY -c "import torch; torch.zeros(1, device='cuda')"; then MPS=1; echo "MPS on"; else echo quit | nvidia-cuda-mps-control; fi
 fi
-$PY - <<EOF || exit 1
+[ "$JC" = none ] || $PY - <<EOF || exit 1
 from skipnet.data import load_dataset
 for s in ("train", "test"):
     print(s, tuple(load_dataset("imagefolder", "$C10", s, workers=16).images.shape), flush=True)
@@ -44,19 +50,24 @@ SK="$PY -m skipnet.cli train --no-progress --set train.eval_every=0"
 smoke() { local name=$1; shift
   if $SK "$@" --run-dir $S/$name > $S/$name.log 2>&1; then echo "smoke $name ok $(el)s"
   else echo "SMOKE FAIL $name"; tail -25 $S/$name.log; return 1; fi; }
-( smoke sp --recipe fashion_mnist_sp --set model.name=cifar_resnet32 --set data.root=$FM --set train.epochs=0.02 &&
-  smoke hrl --recipe fashion_mnist_hrl --set model.name=cifar_resnet32 --set data.root=$FM --set train.init=$S/sp \
-    --set train.epochs=0.02 --set train.fit_images=500 ) & a=$!
-smoke c10 --recipe cifar10_cpu_baseline --set data.root=$C10 --set train.epochs=0.01 & b=$!
-wait $a && wait $b || { [ $MPS = 1 ] && echo quit | nvidia-cuda-mps-control; exit 3; }
+a=""; b=""
+if [ "$JF" != none ]; then
+  ( smoke sp --recipe fashion_mnist_sp --set model.name=cifar_resnet32 --set data.root=$FM --set train.epochs=0.02 &&
+    smoke hrl --recipe fashion_mnist_hrl --set model.name=cifar_resnet32 --set data.root=$FM --set train.init=$S/sp \
+      --set train.epochs=0.02 --set train.fit_images=500 ) & a=$!
+fi
+[ "$JC" != none ] && { smoke c10 --recipe cifar10_cpu_baseline --set data.root=$C10 --set train.epochs=0.01 & b=$!; }
+for p in $a $b; do wait $p || { [ $MPS = 1 ] && echo quit | nvidia-cuda-mps-control; exit 3; }; done
 echo "smoke done $(el)s"
 
 left=$(( DEADLINE - $(el) ))
-$PY scripts/train_batch.py --jobs ${JOBS_C10:-scripts/jobs/c10-recipe-2026-12-04.jobs} --runs $R/c10 --parallel ${PC:-6} \
-  --deadline $left --extra "--set data.root=$C10 $T" > $R/c10.txt 2>&1 & a=$!
-$PY scripts/train_batch.py --jobs ${JOBS_FM:-scripts/jobs/fm-routing-2026-12-04.jobs} --runs $R/fm --parallel ${PF:-9} \
-  --deadline $left --extra "--set data.root=$FM $T" 2>&1 | tee $R/fm.txt & b=$!
-while kill -0 $a 2>/dev/null || kill -0 $b 2>/dev/null; do sleep 30; echo "[$(el)s] c10: $(grep -c rc= $R/c10.txt) ended"; done
+a=""; b=""; touch $R/c10.txt
+[ "$JC" != none ] && { $PY scripts/train_batch.py --jobs $JC --runs $R/c10 --parallel ${PC:-6} --deadline $left \
+  --extra "--set data.root=$C10 $T" > $R/c10.txt 2>&1 & a=$!; }
+[ "$JF" != none ] && { $PY scripts/train_batch.py --jobs $JF --runs $R/fm --parallel ${PF:-9} --deadline $left \
+  --extra "--set data.root=$FM $T" 2>&1 | tee $R/fm.txt & b=$!; }
+while { [ -n "$a" ] && kill -0 $a 2>/dev/null; } || { [ -n "$b" ] && kill -0 $b 2>/dev/null; }; do
+  sleep 30; echo "[$(el)s] c10: $(grep -c rc= $R/c10.txt) ended"; done
 cat $R/c10.txt
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv 2>/dev/null
 [ $MPS = 1 ] && echo quit | nvidia-cuda-mps-control
