@@ -8,7 +8,8 @@
 # folders (the plain Fashion-MNIST runs without weights) into $OUT in 15 MB parts. From the repository root:
 #   OUT=/tmp/out DEADLINE=480 bash scripts/search-gpu.sh
 # JOBS_FM / JOBS_C10: other job lists ("none": leave that dataset out); RUNS_FROM: a folder of earlier run folders
-# (fm/NAME, c10/NAME, e.g. an SP run carried to the lent machine) copied in first, finished ones kept.
+# (fm/NAME, c10/NAME, e.g. an SP run carried to the lent machine) copied in first; files already in RUNS are
+# not overwritten. The smoke tests cover fashion_mnist_sp/hrl and cifar10_cpu_baseline only.
 # Data: CIFAR-10 from ../shared/datasets/cifar10-jpeg or DATA_ARCHIVE (a tar.xz of its train/ and test/ folders of
 # JPEG files); Fashion-MNIST from FM_ROOT (default /usr/share/datasets/fashion-mnist, the Debian package's files).
 set -u
@@ -27,6 +28,7 @@ FM=${FM_ROOT:-/usr/share/datasets/fashion-mnist}
 [ "$JF" = none ] || FM=$(cd "$FM" && pwd) || exit 1
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 mkdir -p "$R" "$OUTD" "$C10"
+OUTD=$(cd "$OUTD" && pwd)
 [ -n "${RUNS_FROM:-}" ] && cp -rn "$RUNS_FROM/." "$R/"
 C10=$(cd "$C10" && pwd)
 if [ "$JC" != none ] && [ ! -e "$C10/train.zip" ] && [ ! -d "$C10/train" ]; then
@@ -43,7 +45,7 @@ from skipnet.data import load_dataset
 for s in ("train", "test"):
     print(s, tuple(load_dataset("imagefolder", "$C10", s, workers=16).images.shape), flush=True)
 EOF
-echo "CIFAR-10 cache warm $(el)s"
+[ "$JC" = none ] || echo "CIFAR-10 cache warm $(el)s"
 
 S=$R/smoke; rm -rf $S; mkdir -p $S
 SK="$PY -m skipnet.cli train --no-progress --set train.eval_every=0"
@@ -57,7 +59,7 @@ if [ "$JF" != none ]; then
       --set train.epochs=0.02 --set train.fit_images=500 ) & a=$!
 fi
 [ "$JC" != none ] && { smoke c10 --recipe cifar10_cpu_baseline --set data.root=$C10 --set train.epochs=0.01 & b=$!; }
-for p in $a $b; do wait $p || { [ $MPS = 1 ] && echo quit | nvidia-cuda-mps-control; exit 3; }; done
+for p in $a $b; do wait $p || { kill $a $b 2>/dev/null; [ $MPS = 1 ] && echo quit | nvidia-cuda-mps-control; exit 3; }; done
 echo "smoke done $(el)s"
 
 left=$(( DEADLINE - $(el) ))
@@ -80,6 +82,7 @@ for f in pathlib.Path(sys.argv[1]).glob("*/*/final.json"):
         p["optimizers"] = []
         torch.save(p, ck)
 EOF
-rm -rf $R/fm/plain*/checkpoints $S
+for d in "$R"/fm/plain*/; do [ -f "$d/final.json" ] && rm -rf "$d/checkpoints"; done  # finished ones only
+rm -rf "$S"
 cd "$R" && tar cf - . | split -b 15M -d - "$OUTD/runs.tar.part"
 ls -l "$OUTD"; echo "packed $(el)s"
