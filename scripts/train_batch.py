@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 
 def parse_jobs(text: str, runs: Path) -> list[tuple[str, str | None, list[str]]]:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args.runs.mkdir(parents=True, exist_ok=True)
     jobs = parse_jobs(args.jobs.read_text(), args.runs)
     pending = list(jobs)
-    running: dict[str, tuple[subprocess.Popen, float]] = {}  # name -> (process, start time); its log is open
+    running: dict[str, tuple[subprocess.Popen, float, IO]] = {}  # name -> (process, start time, its open log)
     done: dict[str, dict] = {}  # name -> {"rc", "wall_s"}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
 
@@ -86,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait()
 
     def reap() -> None:
-        for name, (proc, start) in list(running.items()):
+        for name, (proc, start, logf) in list(running.items()):
             if proc.poll() is not None:
                 done[name] = {"rc": proc.returncode, "wall_s": round(time.time() - start, 1)}
                 del running[name]
-                proc.stdout_log.close()
+                logf.close()
                 r = final(args.runs, name)
                 log(f"{name} rc={proc.returncode} {time.time() - start:.0f}s "
                     + (f"top-1 {r['accuracy']:.2f} % mac_reduction {r.get('mac_reduction', 0):.1f} %" if r else ""))
@@ -100,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             reap()
             if time.time() - t0 >= args.deadline:
                 log(f"deadline: stopping {sorted(running)}; not started: {[j[0] for j in pending]}")
-                stop([proc for proc, _ in running.values()])
-                for name, (proc, start) in list(running.items()):
-                    proc.stdout_log.close()
+                stop([proc for proc, _, _ in running.values()])
+                for name, (_, start, logf) in list(running.items()):
+                    logf.close()
                     state = "finished in the grace period" if final(args.runs, name) else "stopped at the deadline"
                     done[name] = {"rc": state, "wall_s": round(time.time() - start, 1)}
                 running.clear()
@@ -134,13 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                 logf.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
                 logf.flush()
                 proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-                proc.stdout_log = logf  # closed when the run ends
-                running[name] = (proc, time.time())
+                running[name] = (proc, time.time(), logf)
                 log(f"started {name}")
             time.sleep(2)
     finally:  # this script stopped by an error or a signal: its runs do not go on without a deadline
         if running:
-            stop([proc for proc, _ in running.values()])
+            stop([proc for proc, _, _ in running.values()])
 
     rows = []
     for name, _, jargs in jobs:
