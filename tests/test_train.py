@@ -901,6 +901,12 @@ def test_fit_tau_puts_greedy_compute_at_the_target_on_training_images(tmp_path, 
     target = 0.5 * (span[0] + span[1])
     tau, fraction = fit_tau(model, images, target)
     assert fraction == greedy_mac_fraction(model, images, tau)
+    with torch.no_grad():  # measured by the compact executor: the masked one's MACs
+        masked = sum(float(model(x, "greedy", tau=tau).macs.double().sum()) for x in images)
+    plain = model.mac_table(tuple(images[0].shape[-2:])).plain
+    assert fraction == pytest.approx(masked / sum(len(x) for x in images) / plain)
+    assert fit_tau(model, images, target, tol=1.0) == (0.5, greedy_mac_fraction(model, images, 0.5))  # one pass
+    assert fit_tau(model, images, 2.0)[1] >= span[0] and fit_tau(model, images, -1.0)[1] <= span[1]  # beyond it
     assert span[0] - span[1] > 0.3 and abs(fraction - target) < 0.1 and 0.01 < tau < 0.99, (span, tau, fraction)
 
     cfg = _config("hrl", epochs=1, init=str(sp_run), target_macs=0.7, fit_tau=True, fit_images=40)
