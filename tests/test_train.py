@@ -6,6 +6,7 @@ import os
 import signal
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -890,6 +891,27 @@ def test_imagenet_recipes_run_end_to_end_on_jpegs_of_mixed_sizes(tmp_path):
     assert result["images"] == 8 and result["finished"] and load_model(tmp_path / "hrl").config.num_classes == 2
 
 
+def test_fit_tau_bisects_stops_when_close_and_measures_the_ends_only_when_needed(monkeypatch):
+    from skipnet.train import operating
+
+    calls = []
+
+    def fraction(model, images, tau):  # falls with tau, as a network's MACs do; in steps of 0.01 below 0.9
+        calls.append(tau)
+        return 1.0 - (round(tau, 2) if 0.1 < tau < 0.9 else tau)
+
+    monkeypatch.setattr(operating, "greedy_mac_fraction", fraction)
+    gated = SimpleNamespace(is_gated=True)
+    assert operating.fit_tau(gated, [], 0.5, tol=0.1) == (0.5, 0.5) and calls == [0.5]  # one pass
+    calls.clear()
+    tau, got = operating.fit_tau(gated, [], 0.7)
+    assert abs(got - 0.7) <= 5e-4 and abs(tau - 0.3) < 0.006 and len(calls) < 12 and 0.01 not in calls
+    calls.clear()
+    assert operating.fit_tau(gated, [], 1.5) == (0.01, 0.99) and len(calls) == 12 + 2  # beyond lo: lo itself
+    calls.clear()
+    assert operating.fit_tau(gated, [], 0.0, iterations=4)[0] == 0.99 and calls[-2:] == [0.01, 0.99]
+
+
 def test_fit_tau_puts_greedy_compute_at_the_target_on_training_images(tmp_path, sp_run):
     from skipnet.train.operating import fit_tau, greedy_mac_fraction
 
@@ -905,8 +927,7 @@ def test_fit_tau_puts_greedy_compute_at_the_target_on_training_images(tmp_path, 
         masked = sum(float(model(x, "greedy", tau=tau).macs.double().sum()) for x in images)
     plain = model.mac_table(tuple(images[0].shape[-2:])).plain
     assert fraction == pytest.approx(masked / sum(len(x) for x in images) / plain)
-    assert fit_tau(model, images, target, tol=1.0) == (0.5, greedy_mac_fraction(model, images, 0.5))  # one pass
-    assert fit_tau(model, images, 2.0)[1] >= span[0] and fit_tau(model, images, -1.0)[1] <= span[1]  # beyond it
+    assert fit_tau(model, images, target, tol=1.0) == (0.5, greedy_mac_fraction(model, images, 0.5))
     assert span[0] - span[1] > 0.3 and abs(fraction - target) < 0.1 and 0.01 < tau < 0.99, (span, tau, fraction)
 
     cfg = _config("hrl", epochs=1, init=str(sp_run), target_macs=0.7, fit_tau=True, fit_images=40)

@@ -16,11 +16,11 @@ import torch
 from ..models import SkipResNet
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the compact runner's cached gate buffers must stay usable outside it
 def greedy_mac_fraction(model: SkipResNet, images: Sequence[torch.Tensor], tau: float) -> float:
     """Mean MACs per image of greedy inference at ``tau``, as a fraction of the plain network's. Runs the
-    compact executor (each block only on the images that take it): the same decisions and MACs as the masked
-    one, at a fraction of its time."""
+    compact executor (each block only on the images that take it): the masked one's decisions and MACs (to
+    float rounding at the threshold), at a fraction of its time."""
     model.eval()
     total, count = 0.0, 0
     for x in images:
@@ -32,11 +32,11 @@ def greedy_mac_fraction(model: SkipResNet, images: Sequence[torch.Tensor], tau: 
 
 def fit_tau(model: SkipResNet, images: Sequence[torch.Tensor], target: float, *, lo: float = 0.01,
             hi: float = 0.99, iterations: int = 12, tol: float = 5e-4) -> tuple[float, float]:
-    """The tau in [lo, hi] whose greedy MAC fraction on ``images`` is nearest ``target``, by bisection (the
-    fraction falls as tau rises; with RNN gates not strictly, so the best point seen is returned). Stops at
-    the first tau within ``tol`` of the target (each step is a pass over ``images``); ``lo`` and ``hi``
-    themselves are measured only when no tau came that close (a target beyond their fractions).
-    Returns (tau, its MAC fraction)."""
+    """A tau in [lo, hi] whose greedy MAC fraction on ``images`` is within ``tol`` of ``target``, by
+    bisection (the fraction falls as tau rises; with RNN gates not strictly), stopping at the first such tau
+    (each step is a pass over ``images``). When none comes that close (a target beyond the fractions of
+    ``lo`` and ``hi``, or one the fraction jumps over: few images, saturated gates), ``lo`` and ``hi`` are
+    measured too and the nearest point seen is returned. Returns (tau, its MAC fraction)."""
     if not model.is_gated:
         raise ValueError("a plain network has no threshold to fit")
     if not 0 < lo < hi < 1:
