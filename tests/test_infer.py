@@ -71,6 +71,24 @@ def test_runner_matches_the_module_path(name, batch):
             assert fast.log_probs is None
 
 
+def test_runner_reuses_gate_buffers_across_inference_mode_and_no_grad():
+    """The RNN gate buffers a pass keeps for the next are inference tensors when made under inference_mode;
+    a later pass of the same batch size under no_grad (or the other way round) gets its own, not those."""
+    torch.manual_seed(0)
+    model = _nontrivial(create_model("cifar_resnet14")).eval()
+    runner = CompactRunner(model, RunnerConfig(gate_kernel=False, merge_kernel=False))  # the buffers' writes
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        first = runner(x, "greedy")
+    with torch.no_grad():
+        again = runner(x, "greedy")
+    with torch.inference_mode():
+        third = runner(x, "greedy")
+    for out in (again, third):
+        assert torch.equal(out.decisions, first.decisions)
+        torch.testing.assert_close(out.logits, first.logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["sample", "straight_through"])
 def test_runner_takes_every_hard_mode_through_the_gate_modules(mode):
     """Modes that need the logits (sampling: log-probabilities) run the gate modules in image order; the same

@@ -50,7 +50,9 @@ class RNNGates:
 
     def __init__(self, bank: RNNGateBank, batch: int, device: torch.device, dtype: torch.dtype, kernel: bool):
         self.bank, self.batch, self.kernel = bank, batch, kernel
-        self.key = (batch, device, dtype, kernel)
+        # buffers made under inference_mode are inference tensors, which cannot be written outside it: the
+        # mode is part of the key, so a pass outside it never gets one
+        self.key = (batch, device, dtype, kernel, torch.is_inference_mode_enabled())
         self.options = {"device": device, "dtype": dtype}
         self.pooled = torch.empty(batch, max(bank.channels), **self.options)  # (B, C_max): gate inputs' means
         self.state = torch.empty(2, batch, bank.hidden_dim, **self.options)  # h, c (zeroed at gate 0)

@@ -285,7 +285,7 @@ class CompactRunner:
         return ModuleGates(model, mode, tau, temperature, fixed, generator, explore)
 
     def _acquire(self, bank: RNNGateBank, x: Tensor, kernel: bool) -> RNNGates:
-        key = (x.shape[0], x.device, x.dtype, kernel)
+        key = (x.shape[0], x.device, x.dtype, kernel, torch.is_inference_mode_enabled())  # as RNNGates.key
         try:  # one a previous pass released (list.pop is atomic: two threads never get the same one)
             return self._free[key].pop()
         except (KeyError, IndexError):

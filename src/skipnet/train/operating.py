@@ -16,7 +16,7 @@ import torch
 from ..models import SkipResNet
 
 
-@torch.no_grad()  # not inference_mode: the compact runner's cached gate buffers must stay usable outside it
+@torch.inference_mode()
 def greedy_mac_fraction(model: SkipResNet, images: Sequence[torch.Tensor], tau: float) -> float:
     """Mean MACs per image of greedy inference at ``tau``, as a fraction of the plain network's. Runs the
     compact executor (each block only on the images that take it): the masked one's decisions and MACs (to
