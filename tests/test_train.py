@@ -486,6 +486,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_non_finite_loss_with_frozen_batchnorm_says_how_to_unfreeze_it(tmp_path, sp_run, freeze_bn):
+    cfg = _config("calibrate", init=str(sp_run), lr=1e12, target_macs=0.6, freeze_bn=freeze_bn)
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg, tmp_path / "run", data=DATA, progress=False)
+    assert ("train.freeze_bn=false" in str(err.value)) == freeze_bn
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
     save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_config": {}})

@@ -317,7 +317,9 @@ def train_one_epoch(net: nn.Module, model: SkipResNet, stage: Stage, optimizers:
             loss, stats = stage.loss(net, x, y, gen)
         if not torch.isfinite(stats["loss"]):
             raise NonFiniteLossError(f"non-finite loss ({stats['loss'].item()}) at step {step}; stopped. "
-                                     f"{folder.kept()} -- lower the learning rate")
+                                     f"{folder.kept()} -- lower the learning rate"
+                                     + (" or leave BatchNorm live (train.freeze_bn=false)"
+                                        if stage.cfg.freeze_bn and stage.may_freeze_bn else ""))
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
