@@ -1,7 +1,8 @@
 """The evidence for (or against) SkipNet at one training budget: every alternative a user has, trained and
 measured by the same recipe for the same total epochs, on one plot and one table.
 
-    python benchmarks/tradeoff.py --data fashion_mnist            # 2-3 hours on 2 CPU cores (five HRL runs)
+    python benchmarks/tradeoff.py --data fashion_mnist --no-rivals  # ~2 hours on 2 CPU cores (six HRL runs)
+    python benchmarks/tradeoff.py --data fashion_mnist            # and 11 rival runs (9-23 min each at 1 thread)
     python benchmarks/tradeoff.py --data cifar10 --data-root ../shared/datasets/cifar10-jpeg   # ~15 hours
     python benchmarks/tradeoff.py --data fashion_mnist --sp-epochs 2 --hrl-epochs 6   # another budget
 
@@ -11,7 +12,7 @@ its own folders (``runs/tradeoff-<data>-sp2-hrl6``, ``docs/tradeoff/<data>-sp2-h
 Trains (or, when a run folder is already complete, reuses; an interrupted one is resumed):
   * the plain ResNets of several depths (the static line), for the SkipNet's total epochs (SP + HRL);
   * the SkipNet: SP, then learned HRL (REINFORCE, ours) at several expected-MAC targets, one target with
-    three seeds from the same SP checkpoint;
+    three seeds from the same SP checkpoint (each HRL run about 14 minutes on 2 cores for Fashion-MNIST);
   * the HRL stage with the paper's objective, and the calibrate stage (ours: global threshold + fine-tuning),
     from the same SP checkpoint;
   * the rivals (SPEC §10), on the SkipNet's backbone, from scratch by the plain ResNets' recipe for the same
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from skipnet.reporting import carry_recorded, make_sweep, plot_table, static_block_set, sweep_markdown
+from skipnet.reporting import carry_recorded, make_sweep, plot_table, static_block_set, sweep_markdown, zoom_band
 from skipnet.train import load_checkpoint, load_config, load_model, train
 from skipnet.train.config import build_config
 from skipnet.train.runs import config_differences
@@ -47,7 +48,8 @@ PLANS = {
         "baseline": "fashion_mnist_baseline", "sp": "fashion_mnist_sp", "hrl": "fashion_mnist_hrl",
         "hrl_paper": "fashion_mnist_hrl_paper", "calibrate": "fashion_mnist_calibrate",
         "plain": ["cifar_resnet8", "cifar_resnet14", "cifar_resnet20"],
-        "targets": [0.55, 0.65, 0.75], "seeds_at": 0.65, "seeds": [1, 2],
+        # 0.45 reaches into the span between ResNet-8 and -14, where the plain line has a slope to trade along
+        "targets": [0.45, 0.55, 0.65, 0.75], "calibrate_targets": [0.55, 0.65], "seeds_at": 0.65, "seeds": [1, 2],
         "taus": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
         # method: (recipe, the train key swept, its values); each trains for the SkipNet's total epochs.
         # Halting units start at h ~ 0.05 (bias -3, the authors') and their bias moves ~ lr * tau * h(1 - h) per
@@ -67,7 +69,7 @@ PLANS = {
         "hrl_paper": "cifar10_hrl_paper", "calibrate": "cifar10_cpu_calibrate",
         "hrl_paper_overrides": ["model.name=cifar_resnet38", "data.name=imagefolder"],
         "plain": ["cifar_resnet14", "cifar_resnet20", "cifar_resnet26", "cifar_resnet32", "cifar_resnet38"],
-        "targets": [0.5, 0.65], "seeds_at": 0.65, "seeds": [],
+        "targets": [0.5, 0.65], "calibrate_targets": [0.5, 0.65], "seeds_at": 0.65, "seeds": [],
         "taus": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
         # the authors' CIFAR-10 ACT/SACT use tau 0.01; each of these 9 runs is about a plain ResNet-38's time or more
         "rivals": {"act": ("cifar10_cpu_act", "ponder_cost", [0.005, 0.01, 0.02]),
@@ -190,7 +192,7 @@ def main() -> int:
     paper = stage(plan["hrl_paper"], "hrl-paper",  # the paper's objective runs its own schedule from SP
                   root + from_sp + plan.get("hrl_paper_overrides", []))
     calibrate = [stage(plan["calibrate"], f"calibrate-t{t:g}", root + init + [f"train.target_macs={t}"])
-                 for t in plan["targets"][:2]]
+                 for t in plan["calibrate_targets"]]
     plain = [stage(plan["baseline"], f"plain-{name.removeprefix('cifar_')}",
                    root + [f"model.name={name}", f"train.epochs={total}"]) for name in plan["plain"]]
     learned_sets = [stage(plan["baseline"], f"plain-set-{run.name}", root + overrides)
@@ -225,6 +227,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(table, indent=2))
     plot_table(table, out / "tradeoff.png", title=title)
+    band = zoom_band(table)  # the same plot, on the accuracy band around the plain line
+    if band:
+        plot_table(table, out / "tradeoff-zoom.png", title=f"{title} (zoom)", ylim=band)
     command = "python benchmarks/tradeoff.py " + " ".join(sys.argv[1:])
     (out / "sweep.md").write_text(
         f"Command: `{command}` -- {date}, {machine}, {time.perf_counter() - start:.0f} s in all.\n"
@@ -243,7 +248,9 @@ def main() -> int:
            f"on this machine): {', '.join(carried)}." if carried else "")
         + (f" **Partial** (`--report-only`): not finished yet, so not in the table: {', '.join(missing)}."
            if missing else "")
-        + "\n\n" + sweep_markdown(table) + "\n\n![trade-off](tradeoff.png)\n")
+        + "\n\n" + sweep_markdown(table) + "\n\n![trade-off](tradeoff.png)\n"
+        + (f"\n![trade-off, {band[0]:.1f}-{band[1]:.1f} % (points below are off this chart)](tradeoff-zoom.png)\n"
+           if band else ""))
     # the training log: this invocation's runs, and those recorded when the reused ones were trained
     trained = {entry["run"] for entry in log}
     earlier = json.loads((out / "runs.json").read_text()) if (out / "runs.json").is_file() else []

@@ -37,6 +37,7 @@ from skipnet.analysis import (
     topk_accuracy,
     write_report,
 )
+from skipnet.reporting import zoom_band
 
 # --- a hand-built routing: 6 images, 3 classes, 3 gates (4 blocks: stage 1 = blocks 0-1, stage 2 = 2-3) ------
 #
@@ -258,6 +259,16 @@ def test_plot_tradeoff_series(tmp_path):
     series = {"SkipNet τ sweep": [(2.0e7, 90.1, "τ=0.5"), (1.5e7, 89.0, "τ=0.7")],
               "HRL α": [(1.8e7, 89.5, "α=0.1")], "plain ResNet": [(4.1e7, 91.0, "R-20"), (2.7e7, 90.0, "R-14")]}
     _valid_png(plot_tradeoff(series, tmp_path / "t.png", vlines={"plain R-20": 4.1e7}))
+    _valid_png(plot_tradeoff(series, tmp_path / "z.png", ylim=(89.5, 91.5)))
+    with pytest.raises(ValueError, match="ylim"):
+        plot_tradeoff(series, tmp_path / "bad.png", ylim=(91.0, 89.0))
+
+
+def test_zoom_band_spans_the_plain_line_and_the_best_row():
+    rows = [{"series": "plain ResNet", "accuracy": 89.9}, {"series": "plain ResNet", "accuracy": 91.4},
+            {"series": "SkipNet", "accuracy": 91.6}, {"series": "random skipping", "accuracy": 54.4}]
+    assert zoom_band(rows) == pytest.approx((87.9, 92.1))
+    assert zoom_band(rows[2:]) is None
 
 
 def test_write_report_end_to_end(tmp_path):

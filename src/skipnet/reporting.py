@@ -282,14 +282,25 @@ def make_sweep(runs: Sequence[str], *, plain: Sequence[str] = (), taus: Sequence
     return table
 
 
-def plot_table(table: Sequence[dict[str, Any]], path: str | Path, *, title: str) -> Path:
-    """The trade-off plot of a sweep table's rows: one series per row ``series``, points labelled."""
+def plot_table(table: Sequence[dict[str, Any]], path: str | Path, *, title: str,
+               ylim: tuple[float, float] | None = None) -> Path:
+    """The trade-off plot of a sweep table's rows: one series per row ``series``, points labelled; ``ylim``
+    zooms on an accuracy band (see :func:`zoom_band`)."""
     from .analysis import plot_tradeoff
 
     series: dict[str, list] = {}
     for row in table:
         series.setdefault(row["series"], []).append((row["macs"], row["accuracy"], row["label"]))
-    return plot_tradeoff(series, path, title=title, styles=tradeoff_styles(series))
+    return plot_tradeoff(series, path, title=title, styles=tradeoff_styles(series), ylim=ylim)
+
+
+def zoom_band(table: Sequence[dict[str, Any]], below: float = 2.0, above: float = 0.5) -> tuple[float, float] | None:
+    """The accuracy band where the comparison with the plain line is decided: from ``below`` points under the
+    least accurate plain ResNet to ``above`` over the most accurate row. None without plain rows."""
+    plain = [row["accuracy"] for row in table if row["series"] == "plain ResNet"]
+    if not plain:
+        return None
+    return min(plain) - below, max(row["accuracy"] for row in table) + above
 
 
 def carry_recorded(table: Sequence[dict[str, Any]], recorded: Sequence[dict[str, Any]],

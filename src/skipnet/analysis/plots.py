@@ -379,12 +379,17 @@ def plot_tradeoff(
     vlines: Mapping[str, float] | None = None,
     styles: Mapping[str, Mapping] | None = None,
     annotate: bool = True,
+    ylim: tuple[float, float] | None = None,
 ) -> Path:
     """Top-1 accuracy (%) against mean MACs per image, one labelled series per entry of ``series``:
     ``{name: [(macs, accuracy), ...]}`` or ``(macs, accuracy, point_label)`` triples (e.g. tau values, alpha
     values, "R-38"), MACs raw. Points of a series are joined in order of MACs; point labels that would
     overlap are left out. ``vlines``: labelled vertical
-    reference lines (e.g. the plain ResNet's MACs); ``styles``: matplotlib keyword overrides per series."""
+    reference lines (e.g. the plain ResNet's MACs); ``styles``: matplotlib keyword overrides per series;
+    ``ylim``: (low, high) accuracy range shown -- a zoom on the band that matters; points outside are off the
+    chart and their labels left out."""
+    if ylim is not None and not ylim[0] < ylim[1]:
+        raise ValueError(f"ylim must be (low, high) with low < high; got {ylim}")
     all_macs = [float(p[0]) for pts in series.values() for p in pts] + list((vlines or {}).values())
     if not all_macs:
         raise ValueError("plot_tradeoff needs at least one point")
@@ -406,6 +411,9 @@ def plot_tradeoff(
                        if len(p) > 2 and p[2] not in (None, "")]
     for k, (name, v) in enumerate((vlines or {}).items()):
         ax.axvline(float(v) / div, color="0.4", ls=(0, (4, 2 + k)), lw=1, label=f"{name} ({v / div:.3g} {unit})")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+        labels = [label for label in labels if ylim[0] <= label[1] <= ylim[1]]
     _place_labels(ax, labels)
     ax.set_xlabel(f"mean MACs per image ({unit}, gates included)")
     ax.set_ylabel("top-1 accuracy (%)")
