@@ -50,15 +50,19 @@ class RNNGates:
 
     def __init__(self, bank: RNNGateBank, batch: int, device: torch.device, dtype: torch.dtype, kernel: bool):
         self.bank, self.batch, self.kernel = bank, batch, kernel
-        # buffers made under inference_mode are inference tensors, which cannot be written outside it: the
-        # mode is part of the key, so a pass outside it never gets one
-        self.key = (batch, device, dtype, kernel, torch.is_inference_mode_enabled())
+        self.key = self.key_of(batch, device, dtype, kernel)
         self.options = {"device": device, "dtype": dtype}
         self.pooled = torch.empty(batch, max(bank.channels), **self.options)  # (B, C_max): gate inputs' means
         self.state = torch.empty(2, batch, bank.hidden_dim, **self.options)  # h, c (zeroed at gate 0)
         self.unused = torch.empty(batch, bank.num_gates, **self.options)  # decisions of passes without tau
         self.step_op = torch.ops.skipnet.rnn_gate_step.default if kernel else ops.rnn_gate_step_reference
         self.direct = ops.build.direct_gate_step() if kernel else None
+
+    @staticmethod
+    def key_of(batch: int, device: torch.device, dtype: torch.dtype, kernel: bool) -> tuple:
+        """What a pass needs of reused buffers: made under inference_mode they are inference tensors, which
+        cannot be written outside it, so the mode is part of the key and a pass outside it never gets one."""
+        return batch, device, dtype, kernel, torch.is_inference_mode_enabled()
 
     def start(self, temperature: float, tau: float | None) -> RNNGates:
         """Ready for a pass with these settings and the bank's current parameters."""

@@ -285,9 +285,8 @@ class CompactRunner:
         return ModuleGates(model, mode, tau, temperature, fixed, generator, explore)
 
     def _acquire(self, bank: RNNGateBank, x: Tensor, kernel: bool) -> RNNGates:
-        key = (x.shape[0], x.device, x.dtype, kernel, torch.is_inference_mode_enabled())  # as RNNGates.key
         try:  # one a previous pass released (list.pop is atomic: two threads never get the same one)
-            return self._free[key].pop()
+            return self._free[RNNGates.key_of(x.shape[0], x.device, x.dtype, kernel)].pop()
         except (KeyError, IndexError):
             return RNNGates(bank, x.shape[0], x.device, x.dtype, kernel)
 

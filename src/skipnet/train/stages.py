@@ -121,9 +121,14 @@ class Stage:
             groups.append({"params": gates, "lr": cfg.gate_lr or cfg.lr, "role": "gates"})
         return [torch.optim.SGD(groups, lr=cfg.lr, **sgd)]
 
+    @property
+    def freezes_bn(self) -> bool:
+        """Whether BatchNorm statistics stay fixed in training (``train.freeze_bn``, where the stage allows it)."""
+        return self.cfg.freeze_bn and self.may_freeze_bn
+
     def train_mode(self, net: nn.Module) -> None:
         net.train()
-        if self.cfg.freeze_bn and self.may_freeze_bn:
+        if self.freezes_bn:
             freeze_batchnorm(net)
 
     # --- the step ---------------------------------------------------------------------------------------------

@@ -319,7 +319,7 @@ def train_one_epoch(net: nn.Module, model: SkipResNet, stage: Stage, optimizers:
             raise NonFiniteLossError(f"non-finite loss ({stats['loss'].item()}) at step {step}; stopped. "
                                      f"{folder.kept()} -- lower the learning rate"
                                      + (" or leave BatchNorm live (train.freeze_bn=false)"
-                                        if stage.cfg.freeze_bn and stage.may_freeze_bn else ""))
+                                        if stage.freezes_bn else ""))
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
