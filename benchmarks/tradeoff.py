@@ -18,8 +18,9 @@ Trains (or, when a run folder is already complete, reuses; an interrupted one is
   * the rivals (SPEC §10), on the SkipNet's backbone, from scratch by the plain ResNets' recipe for the same
     epochs: ACT and SACT (Figurnov et al. 2017) at several ponder costs tau, and SDV (random skipping, trained
     and evaluated at its rate) at several rates -- skip them with --no-rivals;
-  * the static baseline of every HRL run whose greedy policy is static (each block run for every image or
-    for none): the plain network of just the blocks it keeps (``model.layout``), from scratch, same epochs;
+  * the static alternative to every HRL run: the plain network (``model.layout``) of its most-run blocks, as
+    many as bring its MACs nearest the run's (for a static policy, the blocks it keeps), from scratch, same
+    epochs -- does routing per image beat choosing the blocks once?;
 and evaluates the tau sweeps of the SP and HRL networks and random skipping at each HRL run's per-block rates
 on the SP weights (the paper's stochastic-depth variant). Writes ``docs/tradeoff/<data>/`` (sweep.json with
 the epochs and date of every row, sweep.md, tradeoff.png) and prints the table; the demo reads its plain
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from skipnet.reporting import carry_recorded, make_sweep, plot_table, static_block_set, sweep_markdown, zoom_band
+from skipnet.reporting import carry_recorded, make_sweep, matched_block_set, plot_table, sweep_markdown, zoom_band
 from skipnet.train import load_checkpoint, load_config, load_model, train
 from skipnet.train.config import build_config
 from skipnet.train.runs import config_differences
@@ -95,21 +96,34 @@ def epochs_in_all(run: str | Path) -> float:
     return train_cfg["epochs"] + (epochs_in_all(init) if init else 0.0)
 
 
-def learned_set_plans(runs: list[Path | None], epochs: float) -> list[tuple[Path, list[str]]]:
-    """(run, overrides of the plain recipe) for each finished SkipNet run whose greedy policy on the test images
-    (its final evaluation: decisions need no labels) is static: the plain network of the blocks it keeps."""
-    plans = []
+def learned_set_plans(runs: list[Path | None], epochs: float, plain_depths: set[int]) -> list[tuple[str, list[str]]]:
+    """(run name, overrides of the plain recipe) of the static alternative to each finished SkipNet run: the
+    plain network of its most-run blocks at its MACs (``matched_block_set``: every stage's first block and
+    the blocks its greedy policy on the test images runs most often, as many as bring the MACs nearest the
+    run's; for a static policy, the blocks it keeps), from scratch for ``epochs``. One run per distinct set,
+    named by it (``plain-set-1-1-2``); a set that is a plain ResNet of the line (``plain_depths``) is not
+    trained twice."""
+    plans: dict[tuple[int, ...], list[str]] = {}
     for run in runs:
         if run is None:
             continue
-        rates = json.loads((run / "final.json").read_text())["exec_rates"]
-        layout = static_block_set(load_model(run).stage_of_block, rates)
-        if layout is None:
-            print(f"[routed] {run}: no static block set to train plainly", flush=True)
-            continue
-        plans.append((run, [f"model.depth={2 + 2 * sum(layout)}", f"model.layout=[{','.join(map(str, layout))}]",
-                            f"train.epochs={epochs}"]))
-    return plans
+        final = json.loads((run / "final.json").read_text())
+        model = load_model(run)
+        # in fractions of the plain network, which are the same at any input size the network's stride divides
+        # (28 or 32 pixels), up to the classifier's few hundred MACs
+        table = model.mac_table((32, 32))
+        fraction = final["macs_per_image"] / final["dense_macs_per_image"]
+        layout, macs = matched_block_set(model.stage_of_block, final["exec_rates"], table.block_full, table.plain,
+                                         fraction * table.plain)
+        depth = 2 + 2 * sum(layout)
+        uniform = len(set(layout)) == 1
+        print(f"[block set] {run.name} ({fraction:.1%} of the plain network's MACs): blocks "
+              f"{'/'.join(map(str, layout))} ({macs / table.plain:.1%})"
+              + (" -- a plain ResNet of the line" if uniform and depth in plain_depths else ""), flush=True)
+        if not (uniform and depth in plain_depths):
+            plans[layout] = [f"model.depth={depth}", f"model.layout=[{','.join(map(str, layout))}]",
+                             f"train.epochs={epochs}"]
+    return [("plain-set-" + "-".join(map(str, layout)), overrides) for layout, overrides in plans.items()]
 
 
 def run_stage(recipe: str, run: Path, overrides: list[str], data, log: list[dict],
@@ -195,8 +209,9 @@ def main() -> int:
                  for t in plan["calibrate_targets"]]
     plain = [stage(plan["baseline"], f"plain-{name.removeprefix('cifar_')}",
                    root + [f"model.name={name}", f"train.epochs={total}"]) for name in plan["plain"]]
-    learned_sets = [stage(plan["baseline"], f"plain-set-{run.name}", root + overrides)
-                    for run, overrides in learned_set_plans(hrl + seeds, total)]
+    depths = {int(name.removeprefix("cifar_resnet")) for name in plan["plain"]}
+    learned_sets = [stage(plan["baseline"], name, root + overrides)
+                    for name, overrides in learned_set_plans(hrl + seeds, total, depths)]
     rivals = []
     for method, (recipe, key, values) in ({} if args.no_rivals else plan["rivals"]).items():
         # from scratch, one cosine over the SkipNet's total epochs: the same budget

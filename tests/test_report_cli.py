@@ -13,6 +13,7 @@ from skipnet.demo import plain_reference, run_demo
 from skipnet.reporting import (
     LEARNED_SET_SERIES,
     carry_recorded,
+    matched_block_set,
     plot_table,
     run_label,
     run_series,
@@ -131,11 +132,36 @@ def test_static_block_set_is_the_layout_of_the_blocks_a_static_policy_keeps():
     assert static_block_set(stages, learned, tol=0.005) is None  # 0.9914 is routing at a tighter tolerance
     with pytest.raises(ValueError, match="8 execution rates"):
         static_block_set(stages, learned[:7])
-    # a plain network of such a set is its own series, labelled with its blocks
+    # a plain network of such a set is its own series, labelled with its blocks (see also matched_block_set)
     payload = {"model_config": {"gate": "none", "depth": 14, "layout": [1, 2, 3]}, "run_config": {"train": {}}}
     assert run_series(payload) == LEARNED_SET_SERIES and run_label(payload) == "R-14 (1/2/3)"
     plain = {"model_config": {"gate": "none", "depth": 14, "layout": None}, "run_config": {"train": {}}}
     assert run_series(plain) == "plain ResNet" and run_label(plain) == "R-14"
+
+
+def test_matched_block_set_keeps_the_most_run_blocks_its_macs_pay_for():
+    model = create_model("cifar_resnet20", gate="rnn")
+    stages, table = model.stage_of_block, model.mac_table((32, 32))
+    full, plain = table.block_full, table.plain
+
+    def macs(layout):  # the plain network of that layout, counted by its own table
+        return create_model("cifar_resnet20", gate="none", depth=2 + 2 * sum(layout), layout=layout).mac_table(
+            (32, 32)).plain
+
+    routed = [0.53, 0.26, 1.0, 0.42, 0.31, 1.0, 0.46, 1.0]  # a measured run's rates (hrl-t0.65, 64.9 % of R-20)
+    layout, cost = matched_block_set(stages, routed, full, plain, 0.649 * plain)
+    assert layout == (2, 1, 3) and cost == macs((2, 1, 3))  # blocks 8, 1, 7 (rates 1.0, 0.53, 0.46) and the firsts
+    # a static policy at its own MACs gives the set it keeps, as static_block_set does
+    static = [0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+    assert matched_block_set(stages, static, full, plain, macs((1, 2, 3)))[0] == static_block_set(stages, static)
+    # the budget decides how many: everything, or the stages' first blocks alone
+    assert matched_block_set(stages, routed, full, plain, 2 * plain) == ((3, 3, 3), plain)
+    assert matched_block_set(stages, routed, full, plain, 0)[0] == (1, 1, 1)
+    # a rarely run first block is still kept; on a tie of rates the earlier block goes first
+    layout, _ = matched_block_set(stages, [0.9, 0.9, 0.0, 0.9, 0.9, 0.0, 0.9, 0.9], full, plain, macs((2, 1, 1)))
+    assert layout == (2, 1, 1)
+    with pytest.raises(ValueError, match="8 execution rates"):
+        matched_block_set(stages, routed[:7], full, plain, plain)
 
 
 def test_demo_runs_end_to_end(fmnist_root, tmp_path, monkeypatch):

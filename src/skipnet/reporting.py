@@ -166,7 +166,7 @@ SERIES_NAMES = {"hrl": "SkipNet SP→HRL", "calibrate": "calibrate (ours: global
                 "sact": "SACT (per-position halting)", "sdv": "SDV (random skipping, trained for it)"}
 
 
-LEARNED_SET_SERIES = "plain ResNet of a SkipNet's learned block set (blocks per stage)"
+LEARNED_SET_SERIES = "plain ResNet of a SkipNet's most-run blocks at its MACs (blocks per stage)"
 
 
 def static_block_set(stage_of_block: Sequence[int], exec_rates: Sequence[float], *,
@@ -189,6 +189,35 @@ def static_block_set(stage_of_block: Sequence[int], exec_rates: Sequence[float],
     except ValueError:  # a stage's first block skipped
         return None
     return counts if all(counts) else None
+
+
+def matched_block_set(stage_of_block: Sequence[int], exec_rates: Sequence[float], block_macs: Sequence[int],
+                      plain_macs: int, macs: float) -> tuple[tuple[int, ...], int]:
+    """The static block set a routing SkipNet policy is measured against: the plain network of every stage's
+    first block and of the blocks the policy runs most often, as many of them as bring its MACs nearest the
+    policy's ``macs`` (per image). Returns its ``layout`` (blocks per stage) and its MACs per image.
+
+    ``exec_rates`` are the gated blocks' execution rates (``evaluate``'s), ``block_macs`` their whole blocks'
+    MACs (:class:`~skipnet.cost.MacTable` ``block_full``) and ``plain_macs`` the plain network's (every block,
+    no gates). A stage's first block is always kept (a plain network downsamples there) and the others are
+    taken in order of falling rate (the earlier block first on a tie); for a static policy at its own MACs
+    this is the set it keeps (:func:`static_block_set`). Ties in distance go to the larger network."""
+    rates = [float(r) for r in exec_rates]
+    if not (len(rates) == len(block_macs) == len(stage_of_block) - 1):
+        raise ValueError(f"expected {len(stage_of_block) - 1} execution rates and block MACs (one per gate); got "
+                         f"{len(rates)} and {len(block_macs)}")
+    first = [stage_of_block[i + 1] != stage_of_block[i] for i in range(len(rates))]
+    others = sorted((i for i in range(len(rates)) if not first[i]), key=lambda i: (-rates[i], i))
+    best: tuple[float, int, int] | None = None  # (distance, -kept, MACs)
+    for kept in range(len(others) + 1):
+        cost = plain_macs - sum(block_macs[i] for i in others[kept:])
+        if best is None or (abs(cost - macs), -kept) < best[:2]:
+            best = (abs(cost - macs), -kept, cost)
+    assert best is not None
+    keep = [first[i] or i in others[:-best[1]] for i in range(len(rates))]
+    from .models import kept_layout
+
+    return kept_layout(stage_of_block, keep), best[2]
 
 
 def run_series(payload: dict[str, Any]) -> str:
