@@ -102,7 +102,7 @@ def learned_set_plans(runs: list[Path | None], epochs: float, plain_depths: set[
     the blocks its greedy policy on the test images runs most often, as many as bring the MACs nearest the
     run's; for a static policy, the blocks it keeps), from scratch for ``epochs``. One run per distinct set,
     named by it (``plain-set-1-1-2``); a set that is a plain ResNet of the line (``plain_depths``) is not
-    trained twice."""
+    trained twice. A run not on this machine (``None``: ``--report-only`` carrying its row) plans none."""
     plans: dict[tuple[int, ...], list[str]] = {}
     for run in runs:
         if run is None:
@@ -110,7 +110,7 @@ def learned_set_plans(runs: list[Path | None], epochs: float, plain_depths: set[
         final = json.loads((run / "final.json").read_text())
         model = load_model(run)
         # in fractions of the plain network, which are the same at any input size the network's stride divides
-        # (28 or 32 pixels), up to the classifier's few hundred MACs
+        # (28 or 32 pixels), up to the classifier's and gates' ~10k MACs, which do not scale with the image
         table = model.mac_table((32, 32))
         fraction = final["macs_per_image"] / final["dense_macs_per_image"]
         layout, macs = matched_block_set(model.stage_of_block, final["exec_rates"], table.block_full, table.plain,

@@ -157,6 +157,8 @@ def test_matched_block_set_keeps_the_most_run_blocks_its_macs_pay_for():
     # the budget decides how many: everything, or the stages' first blocks alone
     assert matched_block_set(stages, routed, full, plain, 2 * plain) == ((3, 3, 3), plain)
     assert matched_block_set(stages, routed, full, plain, 0)[0] == (1, 1, 1)
+    # halfway between two sets (blocks within a stage cost the same): the larger one
+    assert matched_block_set(stages, routed, full, plain, (macs((2, 1, 3)) + macs((2, 1, 2))) / 2)[0] == (2, 1, 3)
     # a rarely run first block is still kept; on a tie of rates the earlier block goes first
     layout, _ = matched_block_set(stages, [0.9, 0.9, 0.0, 0.9, 0.9, 0.0, 0.9, 0.9], full, plain, macs((2, 1, 1)))
     assert layout == (2, 1, 1)

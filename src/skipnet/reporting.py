@@ -208,16 +208,12 @@ def matched_block_set(stage_of_block: Sequence[int], exec_rates: Sequence[float]
                          f"{len(rates)} and {len(block_macs)}")
     first = [stage_of_block[i + 1] != stage_of_block[i] for i in range(len(rates))]
     others = sorted((i for i in range(len(rates)) if not first[i]), key=lambda i: (-rates[i], i))
-    best: tuple[float, int, int] | None = None  # (distance, -kept, MACs)
-    for kept in range(len(others) + 1):
-        cost = plain_macs - sum(block_macs[i] for i in others[kept:])
-        if best is None or (abs(cost - macs), -kept) < best[:2]:
-            best = (abs(cost - macs), -kept, cost)
-    assert best is not None
-    keep = [first[i] or i in others[:-best[1]] for i in range(len(rates))]
+    costs = [plain_macs - sum(block_macs[i] for i in others[kept:]) for kept in range(len(others) + 1)]
+    kept = min(range(len(costs)), key=lambda k: (abs(costs[k] - macs), -k))  # a tie: the larger network
+    keep = [first[i] or i in others[:kept] for i in range(len(rates))]
     from .models import kept_layout
 
-    return kept_layout(stage_of_block, keep), best[2]
+    return kept_layout(stage_of_block, keep), costs[kept]
 
 
 def run_series(payload: dict[str, Any]) -> str:
