@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from skipnet.models import model_config
 from skipnet.reporting import carry_recorded, make_sweep, matched_block_set, plot_table, sweep_markdown, zoom_band
 from skipnet.train import load_checkpoint, load_config, load_model, train
 from skipnet.train.config import build_config
@@ -116,11 +117,11 @@ def learned_set_plans(runs: list[Path | None], epochs: float, plain_depths: set[
         layout, macs = matched_block_set(model.stage_of_block, final["exec_rates"], table.block_full, table.plain,
                                          fraction * table.plain)
         depth = 2 + 2 * sum(layout)
-        uniform = len(set(layout)) == 1
+        on_line = len(set(layout)) == 1 and depth in plain_depths  # (n, n, n): the plain ResNet-(6n + 2)
         print(f"[block set] {run.name} ({fraction:.1%} of the plain network's MACs): blocks "
               f"{'/'.join(map(str, layout))} ({macs / table.plain:.1%})"
-              + (" -- a plain ResNet of the line" if uniform and depth in plain_depths else ""), flush=True)
-        if not (uniform and depth in plain_depths):
+              + (" -- a plain ResNet of the line" if on_line else ""), flush=True)
+        if not on_line:
             plans[layout] = [f"model.depth={depth}", f"model.layout=[{','.join(map(str, layout))}]",
                              f"train.epochs={epochs}"]
     return [("plain-set-" + "-".join(map(str, layout)), overrides) for layout, overrides in plans.items()]
@@ -209,7 +210,7 @@ def main() -> int:
                  for t in plan["calibrate_targets"]]
     plain = [stage(plan["baseline"], f"plain-{name.removeprefix('cifar_')}",
                    root + [f"model.name={name}", f"train.epochs={total}"]) for name in plan["plain"]]
-    depths = {int(name.removeprefix("cifar_resnet")) for name in plan["plain"]}
+    depths = {model_config(name).depth for name in plan["plain"]}
     learned_sets = [stage(plan["baseline"], name, root + overrides)
                     for name, overrides in learned_set_plans(hrl + seeds, total, depths)]
     rivals = []
