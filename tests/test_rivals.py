@@ -186,6 +186,8 @@ def test_sact_on_the_torchvision_layout_bottleneck_compact_equals_dense():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         dense, compact = model(x), model(x, executor="compact")
+    # positions halt at different units in some stage (a fractional mean), so the gathered path is exercised
+    assert ((dense.units - dense.units.round()).abs() > 1e-6).any(), dense.units
     torch.testing.assert_close(compact.logits, dense.logits, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(compact.macs, dense.macs, rtol=0, atol=0)
     assert _macs_by_flop_counter(model, x, executor="compact") == compact.macs[0].item()
@@ -209,6 +211,11 @@ def test_sdv_skips_at_its_rate_in_training_and_inference_and_compact_equals_mask
     for b in range(2):
         assert _macs_by_flop_counter(model, x[b:b + 1], decisions=d[b:b + 1], executor="compact") == \
             masked.macs[b].item()
+    # an evaluation draws its skips from its seed: the same seed gives the same result, another seed others
+    batches = [(x[i:i + 100], torch.arange(100) % 3) for i in range(0, 300, 100)]
+    runs = [evaluate(model, batches, executor=ex, seed=s) for ex, s in (("masked", 0), ("compact", 0), ("masked", 1))]
+    assert runs[0]["exec_rates"] == runs[1]["exec_rates"] and runs[0]["accuracy"] == runs[1]["accuracy"]
+    assert runs[0]["exec_rates"] != runs[2]["exec_rates"]
     with pytest.raises(ValueError, match="drop_rate"):
         RivalConfig(method="sdv", depth=14)
 
@@ -290,7 +297,7 @@ def test_rival_config_keys_are_checked():
         load_config(None, ["train.stage=act", "model.halt_eps=1.5"])
 
 
-def test_train_method_shortcut_sets_the_stage(monkeypatch, tmp_path):
+def test_train_method_shortcut_sets_the_stage_and_picks_the_rivals_recipe(monkeypatch, tmp_path, capsys):
     import skipnet.train
     from skipnet.cli import main
 
@@ -298,6 +305,18 @@ def test_train_method_shortcut_sets_the_stage(monkeypatch, tmp_path):
     monkeypatch.setattr(skipnet.train, "train", lambda config, run_dir, **kw: seen.update(config=config) or {})
     assert main(["train", "--recipe", "fashion_mnist_sact", "--method", "act", "--run-dir", str(tmp_path / "r")]) == 0
     assert seen["config"].train.stage == "act"
+    # without --recipe, the method picks its own recipe for the data, at the SkipNet recipes' budget
+    assert main(["train", "--method", "act", "--run-dir", str(tmp_path / "a")]) == 0
+    c = seen["config"]
+    assert (c.train.stage, c.train.epochs, c.train.ponder_cost, c.data.name) == ("act", 4.0, 0.01, "fashion_mnist")
+    assert main(["train", "--method", "sdv", "--data", "cifar10", "--run-dir", str(tmp_path / "b")]) == 0
+    c = seen["config"]
+    assert (c.train.stage, c.train.epochs, c.model.name, c.data.name) == ("sdv", 40.0, "cifar_resnet38", "cifar10")
+    assert main(["train", "--method", "sact", "--data", "svhn", "--run-dir", str(tmp_path / "c")]) == 2
+    assert "no sact recipe for data 'svhn'" in capsys.readouterr().err
+    for argv in (["--method", "act", "--stage", "sp"], ["--method", "hrl"]):  # one stage; rivals only
+        with pytest.raises(SystemExit):
+            main(["train", *argv, "--run-dir", str(tmp_path / "d")])
 
 
 def test_bench_rivals_times_the_plain_network_and_both_executions():

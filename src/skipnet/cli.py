@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .train.config import RIVAL_STAGES
 
 log = logging.getLogger("skipnet")
 
@@ -24,8 +25,9 @@ TRAIN_SHORTCUTS = {
     "data": ("data.name", str, "dataset: fashion_mnist, cifar10, cifar100, svhn, imagefolder"),
     "data_root": ("data.root", str, "folder holding the dataset (default: the dataset's standard place)"),
     "batch_size": ("data.batch_size", int, "training batch size (global, over all processes)"),
-    "stage": ("train.stage", str, "baseline, sp or hrl"),
-    "method": ("train.stage", str, "a rival trained by the same pipeline: act, sact or sdv (sets train.stage)"),
+    "stage": ("train.stage", str, "the stage to train: baseline, sp, hrl, calibrate, act, sact or sdv"),
+    "method": ("train.stage", str, "a rival trained by the same pipeline: act, sact or sdv; without --recipe, "
+               "its recipe for --data (fashion_mnist_<method>, or <data>_cpu_<method> on cifar10)"),
     "epochs": ("train.epochs", float, "training epochs (fractions allowed)"),
     "lr": ("train.lr", float, "base learning rate"),
     "init": ("train.init", str, "checkpoint or run folder to start from (HRL: the SP run)"),
@@ -39,16 +41,34 @@ TRAIN_SHORTCUTS = {
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one stage (baseline, sp or hrl) into a run folder",
                        description="Train one stage. Defaults come from the recipe; flags and --set override them.")
-    p.add_argument("--recipe", default="fashion_mnist_sp", help="recipe name (see `skipnet recipes`) or YAML path")
+    p.add_argument("--recipe", default=None,
+                   help="recipe name (see `skipnet recipes`) or YAML path (default: fashion_mnist_sp, or the "
+                        "--method's recipe)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe value, e.g. --set train.milestones=[80,120] (repeatable)")
+    one_stage = p.add_mutually_exclusive_group()  # both set train.stage
     for name, (_, typ, text) in TRAIN_SHORTCUTS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
+        extra = {"choices": RIVAL_STAGES} if name == "method" else {}
+        (one_stage if name in ("stage", "method") else p).add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text, **extra)
     p.add_argument("--run-dir", default=None, help="run folder (default: runs/<recipe>-<date-time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --run-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+
+def rival_recipe(method: str, data: str | None) -> str:
+    """The packaged recipe of a rival ``method`` for dataset ``data`` (Fashion-MNIST when None)."""
+    from .train.config import recipe_names
+
+    data = data or "fashion_mnist"
+    for name in (f"{data}_{method}", f"{data}_cpu_{method}"):
+        if name in recipe_names():
+            return name
+    known = sorted(n for n in recipe_names() if n.endswith(f"_{method}"))
+    raise ValueError(f"no {method} recipe for data {data!r}; known: {', '.join(known)} "
+                     f"(or give --recipe with --method {method})")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -67,6 +87,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              "overrides")
         config = None
     else:
+        if args.recipe is None:
+            args.recipe = rival_recipe(args.method, args.data) if args.method else "fashion_mnist_sp"
         config = load_config(args.recipe, overrides)
     run_dir = Path(args.run_dir or f"runs/{Path(str(args.recipe)).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = train(config, run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)

@@ -9,8 +9,9 @@ residuals as Huang et al.'s stochastic depth does when it runs every block at te
 
 Choices: one rate for every gated block (Huang et al. decay it linearly with depth; a uniform rate is what
 "random skipping at matched ratio" means); the draws come from ``generator`` when given (training: the
-per-step generator, so a resumed run draws the same), else from torch's global generator, so an evaluation
-is one random draw -- repeat it to see the spread. ``decisions`` fixes the draws (tests, replays).
+per-step generator, so a resumed run draws the same), else from torch's global generator;
+``skipnet.train.evaluate`` passes one seeded by its ``seed``, so an evaluation is repeatable. ``decisions``
+fixes the draws (tests, replays).
 MACs per image are the SkipNet table's for the drawn decisions (no gates).
 """
 

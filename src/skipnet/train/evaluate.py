@@ -13,12 +13,13 @@ from ..models import SkipResNet
 
 def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, mode: str = "greedy",
              tau: float = 0.5, executor: str = "masked", amp: str = "off", progress: bool = False,
-             decisions: Callable[[int], torch.Tensor] | None = None) -> dict[str, Any]:
+             decisions: Callable[[int], torch.Tensor] | None = None, seed: int = 0) -> dict[str, Any]:
     """Top-1 accuracy (%), mean/std MACs per image (gates included), the plain ResNet's MACs
     (``dense_macs_per_image``), the reduction vs it (%), the authors' block fraction (%), and per-gate
     execution rates. The model is put in eval mode. A rival (ACT, SACT, SDV; ``model.method``) runs its
     own inference with ``executor``; its ``exec_rates`` are those of SkipNet's gated blocks (SACT: the share
-    of positions). ``decisions`` (mode ``fixed``): called with each batch's
+    of positions); SDV's random skips come from a generator seeded with ``seed``, so an evaluation is
+    repeatable (other seeds show its spread). ``decisions`` (mode ``fixed``): called with each batch's
     size, returns that batch's (B, N) decisions. Refuses (``ValueError``) a loader of another class count than
     the model's, labels beyond it, and images holding NaN or infinite values."""
     if (mode == "fixed") != (decisions is not None):
@@ -30,6 +31,7 @@ def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tens
     model.eval()
     rival = getattr(model, "method", None)  # ACT, SACT or SDV (skipnet.models.rivals)
     device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed) if rival == "sdv" else None
     correct = total = 0
     macs: list[torch.Tensor] = []
     exec_sum: torch.Tensor | None = None
@@ -37,7 +39,9 @@ def evaluate(model: SkipResNet, batches: Iterable[tuple[torch.Tensor, torch.Tens
     with torch.inference_mode(), autocast(device, amp):
         for index, (x, y) in enumerate(track(batches, enabled=progress, desc="eval", unit="batch")):
             check_eval_batch(x, y, model.config.num_classes, index)
-            if rival:
+            if generator is not None:
+                out = model(x, executor=executor, generator=generator)
+            elif rival:
                 out = model(x, executor=executor)
             elif not model.is_gated:
                 out = model(x)
