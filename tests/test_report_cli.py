@@ -44,7 +44,8 @@ def runs(tmp_path_factory, fmnist_root) -> dict[str, Path]:
               "--set", f"data.cache_dir={base / 'cache'}", "--set", "train.channels_last=false"]
     out = {}
     for name, extra in (("sp", ["--recipe", "fashion_mnist_sp", "--epochs", "1"]),
-                        ("plain", ["--recipe", "fashion_mnist_sp", "--stage", "baseline", "--epochs", "1"])):
+                        ("plain", ["--recipe", "fashion_mnist_sp", "--stage", "baseline", "--epochs", "1"]),
+                        ("sdv", ["--method", "sdv", "--epochs", "1"])):  # a rival, by its own recipe
         out[name] = base / name
         assert main(["train", *extra, *common, "--run-dir", str(out[name])]) == 0
     for alpha in (0.5, 2.0):
@@ -76,7 +77,7 @@ def test_report_from_a_tiny_trained_checkpoint(runs, tmp_path):
 
 def test_sweep_table_and_plot(runs, tmp_path, capsys):
     out = tmp_path / "sweep"
-    assert main(["sweep", str(runs["hrl0.5"]), str(runs["hrl2.0"]), str(runs["calibrate"]), "--plain",
+    assert main(["sweep", str(runs["hrl0.5"]), str(runs["hrl2.0"]), str(runs["calibrate"]), str(runs["sdv"]), "--plain",
                  str(runs["plain"]), "--sweep", str(runs["sp"]), str(runs["hrl0.5"]), "--random", str(runs["sp"]),
                  "--taus", "0.2", "0.5", "0.8", "--out", str(out), "--json"]) == 0
     table = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -95,6 +96,11 @@ def test_sweep_table_and_plot(runs, tmp_path, capsys):
     for name in ("sp", "hrl0.5"):  # one tau sweep per swept run
         taus = [r for r in table if r["label"].startswith("τ=") and r["run"] == str(runs[name])]
         assert len(taus) == 3 and taus[0]["macs"] >= taus[-1]["macs"]  # a higher threshold never costs more
+    # a rival is a point of its own series at its own MACs (SDV's drop rate 0.35: about 65 % of the gated blocks)
+    sdv = [r for r in table if r["series"] == "SDV (random skipping, trained for it)"]
+    assert len(sdv) == 1 and sdv[0]["macs"] < plain[0]["macs"] and 0.5 < sum(sdv[0]["exec_rates"]) / len(
+        sdv[0]["exec_rates"]) < 0.8
+    assert "SDV (random skipping" in (out / "sweep.md").read_text()
     assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "sweep.md").exists()
 
 
