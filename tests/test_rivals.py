@@ -328,3 +328,6 @@ def test_bench_rivals_times_the_plain_network_and_both_executions():
     rows = bench.bench_rival(model, torch.randn(3, 3, 8, 8), [2], budget_s=0.003, min_images=4)
     assert [(r["executor"], r["draws"]) for r in rows] == [("plain", 2), ("masked", 2), ("compact", 2)]
     assert all(r["latency_ms_p50"] > 0 and r["ideal_speedup"] > 0 for r in rows)
+    from skipnet.bench import run_bench
+    with pytest.raises(ValueError, match="bench_rivals.py"):  # SkipNet's benchmark points a rival to its own
+        run_bench(model)

@@ -141,6 +141,9 @@ def run_bench(
         raise ValueError(f"need warmup >= 0 and repeats >= 1; got {warmup}, {repeats}")
     if min_images < 1:
         raise ValueError(f"min_images must be a positive integer; got {min_images}")
+    if getattr(model, "method", None):  # ACT, SACT, SDV: no gates to replay
+        raise ValueError(f"run_bench times SkipNets; time this {model.method.upper()} model with "
+                         "benchmarks/bench_rivals.py <run> (plain, masked and compact beside its MACs)")
     gated, plain, name = _build_pair(model, gate, in_channels)
     if not gated.is_gated:
         raise ValueError("run_bench needs a gated model (the plain network is built from it)")
