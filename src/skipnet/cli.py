@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .train.config import RIVAL_STAGES
+from .train.config import RIVAL_STAGES, STAGES
 
 log = logging.getLogger("skipnet")
 
@@ -25,7 +25,7 @@ TRAIN_SHORTCUTS = {
     "data": ("data.name", str, "dataset: fashion_mnist, cifar10, cifar100, svhn, imagefolder"),
     "data_root": ("data.root", str, "folder holding the dataset (default: the dataset's standard place)"),
     "batch_size": ("data.batch_size", int, "training batch size (global, over all processes)"),
-    "stage": ("train.stage", str, "the stage to train: baseline, sp, hrl, calibrate, act, sact or sdv"),
+    "stage": ("train.stage", str, f"the stage to train: {', '.join(STAGES)}"),
     "method": ("train.stage", str, "a rival trained by the same pipeline: act, sact or sdv; without --recipe, "
                "its recipe for --data (fashion_mnist_<method>, or <data>_cpu_<method> on cifar10)"),
     "epochs": ("train.epochs", float, "training epochs (fractions allowed)"),
@@ -39,7 +39,7 @@ TRAIN_SHORTCUTS = {
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one stage (baseline, sp or hrl) into a run folder",
+    p = sub.add_parser("train", help="train one stage into a run folder",
                        description="Train one stage. Defaults come from the recipe; flags and --set override them.")
     p.add_argument("--recipe", default=None,
                    help="recipe name (see `skipnet recipes`) or YAML path (default: fashion_mnist_sp, or the "
@@ -62,11 +62,11 @@ def rival_recipe(method: str, data: str | None) -> str:
     """The packaged recipe of a rival ``method`` for dataset ``data`` (Fashion-MNIST when None)."""
     from .train.config import recipe_names
 
-    data = data or "fashion_mnist"
+    data, names = data or "fashion_mnist", recipe_names()
     for name in (f"{data}_{method}", f"{data}_cpu_{method}"):
-        if name in recipe_names():
+        if name in names:
             return name
-    known = sorted(n for n in recipe_names() if n.endswith(f"_{method}"))
+    known = [n for n in names if n.endswith(f"_{method}")]  # recipe_names() is sorted
     raise ValueError(f"no {method} recipe for data {data!r}; known: {', '.join(known)} "
                      f"(or give --recipe with --method {method})")
 
