@@ -1,17 +1,20 @@
 """Measured speed of the rivals next to their MAC counts (issue 15; SPEC §8.4: measured latency next to every
 FLOP number). Per trained run (or preset, with random weights and noise images) and batch size: the plain
-ResNet of the same backbone, the rival's ``masked`` execution (every unit on the whole batch, weighted) and its
-``compact`` one (ACT: a unit runs only on the images still running; SACT: only at the positions still active,
-each convolution gathered at them -- usually *slower* than the dense convolution it replaces, so SACT's saving
-is analytic; SDV: a block only on the images that keep it), with the ideal (MAC) speed-up beside the measured.
+ResNet of the same backbone (through the compact runner, as ``skipnet bench``'s ``dense``: the same block code
+and merge kernel as the rivals' compact passes, so a speed-up is the skipping's, not the kernel's), the rival's
+``masked`` execution (every unit on the whole batch, weighted) and its ``compact`` one (ACT: a unit runs only on
+the images still running; SACT: only at the positions still active, each convolution gathered at them --
+usually *slower* than the dense convolution it replaces, so SACT's saving is analytic; SDV: a block only on
+the images that keep it), with the ideal (MAC) speed-up beside the measured.
 
     python benchmarks/bench_rivals.py runs/tradeoff-fashion_mnist/act-0.01 runs/tradeoff-fashion_mnist/sact-0.01 \\
         runs/tradeoff-fashion_mnist/sdv-0.35 --batch-sizes 1 256
     python benchmarks/bench_rivals.py act:cifar_resnet110 sact:cifar_resnet110 --batch-sizes 64   # presets
 
-A timed call runs at least ``--min-images`` images (several batches, each with its own images), warmed up,
-repeated to fill ``--budget`` seconds; rows give the median per batch. Run runs on the run's test images
-(halting depends on them); the plain network's weights are random (its speed does not depend on them).
+A timed call runs at least ``--min-images`` images (several batches, each with its own images); after warm-up
+the plain, masked and compact calls alternate, round after round, until ``--budget`` seconds are spent; rows
+give the median per batch. Run runs on the run's test images (halting depends on them); the plain network's
+weights are random (its speed does not depend on them).
 """
 
 from __future__ import annotations
@@ -24,25 +27,33 @@ from pathlib import Path
 
 import torch
 
+from skipnet.infer import compact_runner
 from skipnet.models import SkipResNet
 from skipnet.models.rivals import RivalResNet, create_rival
 
 
-def _time(fn, budget_s: float, device: torch.device, warmup: int = 2) -> list[float]:
-    """Seconds per call: ``warmup`` untimed calls, then calls until ``budget_s`` has passed (3 to 50); CUDA
-    work is synchronised around each call."""
+def _time(fns: dict, budget_s: float, device: torch.device, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns``, interleaved: ``warmup`` untimed rounds, then rounds of one timed call
+    of each until ``budget_s`` has passed (3 to 50 rounds), so a machine that slows down or speeds up during the
+    measurement moves every executor alike (timed one after the other, the same plain network measured 30 %
+    apart on CPU-2c). CUDA work is synchronised around each call."""
     cuda = device.type == "cuda"
     for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    while len(times) < 3 or (sum(times) < budget_s and len(times) < 50):
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    spent, rounds = 0.0, 0
+    while rounds < 3 or (spent < budget_s and rounds < 50):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+            spent += times[name][-1]
+        rounds += 1
     return times
 
 
@@ -54,6 +65,7 @@ def bench_rival(model: RivalResNet, images: torch.Tensor, batch_sizes: list[int]
     device = torch.device(device)
     model = model.to(device).eval()
     plain = SkipResNet(model.config.backbone_config()).to(device).eval()
+    plain_runner = compact_runner(plain)  # the plain network through the same block code and merge kernel
     table = model.mac_table((images.shape[2], images.shape[3]))
     rows = []
     with torch.inference_mode():
@@ -62,10 +74,10 @@ def bench_rival(model: RivalResNet, images: torch.Tensor, batch_sizes: list[int]
             index = torch.arange(draws * b) % images.shape[0]
             batches = [images[index[k * b:(k + 1) * b]].to(device) for k in range(draws)]
             macs = torch.cat([model(x, executor="compact").macs.cpu() for x in batches]).double().mean().item()
-            fns = {"plain": lambda xs=batches: [plain(x) for x in xs],
+            fns = {"plain": lambda xs=batches: [plain_runner(x) for x in xs],
                    "masked": lambda xs=batches: [model(x, executor="masked") for x in xs],
                    "compact": lambda xs=batches: [model(x, executor="compact") for x in xs]}
-            seconds = {k: statistics.median(_time(fn, budget_s / 3, device)) / draws for k, fn in fns.items()}
+            seconds = {k: statistics.median(t) / draws for k, t in _time(fns, budget_s, device).items()}
             for name, s in seconds.items():
                 rows.append({"method": model.method if name != "plain" else "plain", "executor": name,
                              "batch_size": b, "latency_ms_p50": 1e3 * s, "images_per_s": b / s,
