@@ -418,7 +418,8 @@ def plot_tradeoff(
     ax.set_xlabel(f"mean MACs per image ({unit}, gates included)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    # below the axes: with a dozen series, a legend inside covers points wherever it goes
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     ax.set_title(title)
     return _save(fig, path)
 
