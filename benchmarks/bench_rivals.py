@@ -12,9 +12,9 @@ the images that keep it), with the ideal (MAC) speed-up beside the measured.
     python benchmarks/bench_rivals.py act:cifar_resnet110 sact:cifar_resnet110 --batch-sizes 64   # presets
 
 A timed call runs at least ``--min-images`` images (several batches, each with its own images); after warm-up
-the plain, masked and compact calls alternate, round after round, until ``--budget`` seconds are spent; rows
-give the median per batch. Run runs on the run's test images (halting depends on them); the plain network's
-weights are random (its speed does not depend on them).
+the plain, masked and compact calls alternate, round after round (``skipnet bench``'s timing: 5 to 50 rounds,
+sized to fill ``--budget`` seconds); rows give the median per batch. Run runs on the run's test images
+(halting depends on them); the plain network's weights are random (its speed does not depend on them).
 """
 
 from __future__ import annotations
@@ -22,39 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from skipnet.bench import _time_interleaved
 from skipnet.infer import compact_runner
 from skipnet.models import SkipResNet
 from skipnet.models.rivals import RivalResNet, create_rival
-
-
-def _time(fns: dict, budget_s: float, device: torch.device, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each of ``fns``, interleaved: ``warmup`` untimed rounds, then rounds of one timed call
-    of each until ``budget_s`` has passed (3 to 50 rounds), so a machine that slows down or speeds up during the
-    measurement moves every executor alike (timed one after the other, the same plain network measured 30 %
-    apart on CPU-2c). CUDA work is synchronised around each call."""
-    cuda = device.type == "cuda"
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    spent, rounds = 0.0, 0
-    while rounds < 3 or (spent < budget_s and rounds < 50):
-        for name, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
-            spent += times[name][-1]
-        rounds += 1
-    return times
 
 
 def bench_rival(model: RivalResNet, images: torch.Tensor, batch_sizes: list[int], *, budget_s: float = 2.0,
@@ -77,7 +52,10 @@ def bench_rival(model: RivalResNet, images: torch.Tensor, batch_sizes: list[int]
             fns = {"plain": lambda xs=batches: [plain_runner(x) for x in xs],
                    "masked": lambda xs=batches: [model(x, executor="masked") for x in xs],
                    "compact": lambda xs=batches: [model(x, executor="compact") for x in xs]}
-            seconds = {k: statistics.median(t) / draws for k, t in _time(fns, budget_s, device).items()}
+            # interleaved round by round, as skipnet bench: timed one after the other, the same plain network
+            # measured 30 % apart on CPU-2c
+            times = _time_interleaved(fns, 2, None, budget_s, 1, b * draws, device, "wall")
+            seconds = {k: statistics.median(t) / draws for k, t in times.items()}
             for name, s in seconds.items():
                 rows.append({"method": model.method if name != "plain" else "plain", "executor": name,
                              "batch_size": b, "latency_ms_p50": 1e3 * s, "images_per_s": b / s,
